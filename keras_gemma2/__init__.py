@@ -1,0 +1,13 @@
+"""keras_gemma2: Gemma 2 in Keras 3 on TensorFlow, JAX and PyTorch."""
+
+from keras_gemma2 import architectures
+from keras_gemma2 import layers
+from keras_gemma2.backbone import Gemma2Backbone
+from keras_gemma2.causal_lm import Gemma2CausalLM
+from keras_gemma2.causal_lm_preprocessor import Gemma2CausalLMPreprocessor
+from keras_gemma2.layers.attention import Gemma2Attention
+from keras_gemma2.layers.decoder_block import Gemma2DecoderBlock
+from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
+from keras_gemma2.tokenizer import Gemma2Tokenizer
+
+__version__ = "0.1.0"

@@ -1,0 +1,264 @@
+"""Gemma2Backbone: token embedding -> decoder blocks -> final RMSNorm."""
+
+import keras
+from keras import ops
+
+from keras_hub.layers import ReversibleEmbedding
+from keras_hub.models import Backbone
+
+from keras_gemma2.layers.attention import check_head_counts
+from keras_gemma2.layers.attention_masks import attention_layer_types
+from keras_gemma2.layers.decoder_block import Gemma2DecoderBlock
+from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
+from keras_gemma2 import presets as presets_lib
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma2")
+class Gemma2Backbone(Backbone):
+    """The Gemma 2 decoder network, with every hyperparameter explicit.
+
+    Takes `token_ids` and `padding_mask` and returns the final hidden states
+    `[batch, length, hidden_dim]` (after the final RMSNorm). `logits()` turns
+    hidden states into soft-capped vocabulary logits with the tied embedding,
+    `embed()` turns token ids into scaled embeddings; the cached decoding of
+    `Gemma2CausalLM` calls the same helpers, so there is one forward pass.
+
+    Args:
+        vocabulary_size: int. Size of the vocabulary (256000 in Gemma 2).
+        num_layers: int. Number of decoder blocks.
+        num_query_heads: int. Number of query heads.
+        num_key_value_heads: int. Number of key/value heads (GQA); must
+            divide `num_query_heads`.
+        hidden_dim: int. Model width.
+        intermediate_dim: int. FFN width of each of the two gates (HF's
+            `intermediate_size`; KerasHub's `intermediate_dim` is twice it).
+        head_dim: int. Width of each attention head.
+        query_pre_attn_scalar: float or None. Queries are scaled by its
+            inverse square root; `None` means `head_dim`. 144 for the 27B.
+        layer_norm_epsilon: float. RMSNorm epsilon. Defaults to `1e-6`.
+        rope_max_wavelength: float. RoPE base. Defaults to `10000`.
+        attention_logit_soft_cap: float or None. Defaults to `50.0`.
+        final_logit_soft_cap: float or None. Defaults to `30.0`.
+        use_sliding_window_attention: bool. If `True`, even-indexed layers
+            attend within a sliding window. Defaults to `True`.
+        sliding_window_size: int. The window. Defaults to `4096`.
+        use_post_attention_norm: bool. Defaults to `True`.
+        use_post_ffw_norm: bool. Defaults to `True`.
+        dropout: float. Dropout rate. Defaults to `0`.
+        dtype: string or `keras.DTypePolicy`. Weights and compute dtype.
+
+    Example:
+    ```python
+    backbone = keras_gemma2.Gemma2Backbone(
+        vocabulary_size=64, num_layers=2, num_query_heads=4,
+        num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
+        head_dim=8, sliding_window_size=3,
+    )
+    hidden = backbone({
+        "token_ids": np.array([[2, 10, 11, 12]]),
+        "padding_mask": np.array([[1, 1, 1, 1]]),
+    })
+    logits = backbone.logits(hidden)
+    ```
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        num_layers,
+        num_query_heads,
+        num_key_value_heads,
+        hidden_dim,
+        intermediate_dim,
+        head_dim,
+        query_pre_attn_scalar=None,
+        layer_norm_epsilon=1e-6,
+        rope_max_wavelength=10000.0,
+        attention_logit_soft_cap=50.0,
+        final_logit_soft_cap=30.0,
+        use_sliding_window_attention=True,
+        sliding_window_size=4096,
+        use_post_attention_norm=True,
+        use_post_ffw_norm=True,
+        dropout=0.0,
+        dtype=None,
+        **kwargs,
+    ):
+        _validate_architecture(
+            num_query_heads=num_query_heads,
+            num_key_value_heads=num_key_value_heads,
+            sliding_window_size=sliding_window_size,
+            num_layers=num_layers,
+        )
+        if query_pre_attn_scalar is None:
+            query_pre_attn_scalar = head_dim
+
+        # === Layers ===
+        self.token_embedding = ReversibleEmbedding(
+            input_dim=vocabulary_size,
+            output_dim=hidden_dim,
+            tie_weights=True,
+            logit_soft_cap=final_logit_soft_cap,
+            embeddings_initializer=keras.initializers.VarianceScaling(
+                scale=1.0, mode="fan_in", distribution="untruncated_normal"
+            ),
+            dtype=dtype,
+            name="token_embedding",
+        )
+        self.attention_types = attention_layer_types(
+            num_layers, use_sliding_window_attention
+        )
+        self.transformer_layers = [
+            Gemma2DecoderBlock(
+                hidden_dim=hidden_dim,
+                intermediate_dim=intermediate_dim,
+                num_query_heads=num_query_heads,
+                num_key_value_heads=num_key_value_heads,
+                head_dim=head_dim,
+                query_pre_attn_scalar=query_pre_attn_scalar,
+                attention_type=attention_type,
+                sliding_window_size=sliding_window_size,
+                attention_logit_soft_cap=attention_logit_soft_cap,
+                use_post_attention_norm=use_post_attention_norm,
+                use_post_ffw_norm=use_post_ffw_norm,
+                layer_norm_epsilon=layer_norm_epsilon,
+                rope_max_wavelength=rope_max_wavelength,
+                dropout=dropout,
+                dtype=dtype,
+                name=f"decoder_block_{i}",
+            )
+            for i, attention_type in enumerate(self.attention_types)
+        ]
+        self.final_normalization = Gemma2RMSNormalization(
+            epsilon=layer_norm_epsilon,
+            dtype=dtype,
+            name="final_normalization",
+        )
+
+        # === Functional Model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(
+            shape=(None,), dtype="int32", name="padding_mask"
+        )
+        x = self.embed(token_ids)
+        for block in self.transformer_layers:
+            x = block(x, padding_mask=padding_mask)
+        sequence_output = self.final_normalization(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=sequence_output,
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.head_dim = head_dim
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.rope_max_wavelength = rope_max_wavelength
+        self.attention_logit_soft_cap = attention_logit_soft_cap
+        self.final_logit_soft_cap = final_logit_soft_cap
+        self.use_sliding_window_attention = use_sliding_window_attention
+        self.sliding_window_size = sliding_window_size
+        self.use_post_attention_norm = use_post_attention_norm
+        self.use_post_ffw_norm = use_post_ffw_norm
+        self.dropout = dropout
+
+    def embed(self, token_ids):
+        """Token ids `[b, t]` -> embeddings scaled by sqrt(hidden_dim)."""
+        x = self.token_embedding(token_ids)
+        # The normalizer is cast to the compute dtype before the multiply, as
+        # in the reference: in bfloat16 sqrt(3584) = 59.87 becomes 60.0.
+        hidden_dim = self.token_embedding.output_dim
+        return x * ops.cast(ops.sqrt(float(hidden_dim)), x.dtype)
+
+    def logits(self, hidden_states):
+        """Hidden states `[b, t, d]` -> soft-capped logits `[b, t, vocab]`."""
+        return self.token_embedding(hidden_states, reverse=True)
+
+    def decode(self, x, caches, cache_update_index):
+        """Runs the blocks over `x` with per-layer caches.
+
+        Returns the final hidden states and the list of updated caches.
+        """
+        new_caches = []
+        for block, cache in zip(self.transformer_layers, caches):
+            x, cache = block(
+                x, cache=cache, cache_update_index=cache_update_index
+            )
+            new_caches.append(cache)
+        return self.final_normalization(x), new_caches
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "vocabulary_size": self.vocabulary_size,
+                "num_layers": self.num_layers,
+                "num_query_heads": self.num_query_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
+                "head_dim": self.head_dim,
+                "query_pre_attn_scalar": self.query_pre_attn_scalar,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "attention_logit_soft_cap": self.attention_logit_soft_cap,
+                "final_logit_soft_cap": self.final_logit_soft_cap,
+                "use_sliding_window_attention": (
+                    self.use_sliding_window_attention
+                ),
+                "sliding_window_size": self.sliding_window_size,
+                "use_post_attention_norm": self.use_post_attention_norm,
+                "use_post_ffw_norm": self.use_post_ffw_norm,
+                "dropout": self.dropout,
+            }
+        )
+        return config
+
+    @presets_lib.classproperty
+    def presets(cls):
+        """The registered presets: name -> metadata and handle."""
+        return presets_lib.registered_presets()
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Instantiates a `Gemma2Backbone` from a preset name or folder.
+
+        Registered Gemma 2 checkpoints load in bfloat16 unless `dtype=` says
+        otherwise; a folder loads in the dtype it was saved in.
+
+        Args:
+            preset: string. A name in `Gemma2Backbone.presets` or a path to a
+                preset folder.
+            load_weights: bool. Load the saved weights. Defaults to `True`.
+            **kwargs: forwarded to the constructor, e.g. `dtype`.
+
+        Example:
+        ```python
+        backbone = keras_gemma2.Gemma2Backbone.from_preset("gemma2_tiny_en")
+        ```
+        """
+        preset, kwargs = presets_lib.resolve(preset, kwargs)
+        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+
+
+def _validate_architecture(
+    num_query_heads, num_key_value_heads, sliding_window_size, num_layers
+):
+    """Raises a ValueError naming the fix for an impossible architecture."""
+    if num_layers < 1:
+        raise ValueError(f"`num_layers` must be at least 1; got {num_layers}.")
+    check_head_counts(num_query_heads, num_key_value_heads)
+    if sliding_window_size is None or sliding_window_size < 1:
+        raise ValueError(
+            "`sliding_window_size` must be a positive number of tokens (4096 "
+            f"in Gemma 2); got {sliding_window_size}. To make every layer "
+            "global, pass `use_sliding_window_attention=False` instead."
+        )

@@ -1,0 +1,124 @@
+"""The preset registry: name -> metadata and handle, and name resolution."""
+
+import difflib
+import os
+import pathlib
+
+_KAGGLE = "kaggle://keras/gemma2/keras"
+
+# The folder that holds `gemma2_tiny_en`; `KERAS_GEMMA2_PRESETS_DIR` overrides
+# it for installs that keep the presets elsewhere.
+PRESETS_DIR = pathlib.Path(
+    os.environ.get(
+        "KERAS_GEMMA2_PRESETS_DIR",
+        pathlib.Path(__file__).resolve().parent.parent / "presets",
+    )
+)
+
+
+def _entry(description, params, handle, default_dtype="bfloat16"):
+    return {
+        "metadata": {
+            "description": description,
+            "params": params,
+            "path": "gemma2",
+        },
+        "kaggle_handle": handle,
+        "default_dtype": default_dtype,
+    }
+
+
+PRESETS = {
+    "gemma2_2b_en": _entry(
+        "2 billion parameter, 26-layer, base Gemma 2 model.",
+        2_614_341_888,
+        f"{_KAGGLE}/gemma2_2b_en/2",
+    ),
+    "gemma2_instruct_2b_en": _entry(
+        "2 billion parameter, 26-layer, instruction-tuned Gemma 2 model.",
+        2_614_341_888,
+        f"{_KAGGLE}/gemma2_instruct_2b_en/2",
+    ),
+    "gemma2_9b_en": _entry(
+        "9 billion parameter, 42-layer, base Gemma 2 model.",
+        9_241_705_984,
+        f"{_KAGGLE}/gemma2_9b_en/4",
+    ),
+    "gemma2_instruct_9b_en": _entry(
+        "9 billion parameter, 42-layer, instruction-tuned Gemma 2 model.",
+        9_241_705_984,
+        f"{_KAGGLE}/gemma2_instruct_9b_en/4",
+    ),
+    "gemma2_27b_en": _entry(
+        "27 billion parameter, 46-layer, base Gemma 2 model.",
+        27_227_128_320,
+        f"{_KAGGLE}/gemma2_27b_en/3",
+    ),
+    "gemma2_instruct_27b_en": _entry(
+        "27 billion parameter, 46-layer, instruction-tuned Gemma 2 model.",
+        27_227_128_320,
+        f"{_KAGGLE}/gemma2_instruct_27b_en/3",
+    ),
+    "gemma2_tiny_en": _entry(
+        "Tiny 6-layer Gemma 2 architecture trained on Python's own English "
+        "documentation; ships with keras_gemma2 and loads offline.",
+        None,  # filled in from the shipped folder's metadata.json
+        str(PRESETS_DIR / "gemma2_tiny_en"),
+        default_dtype=None,
+    ),
+}
+
+
+class classproperty(property):
+    """A read-only property of the class (KerasHub's `presets` is one)."""
+
+    def __get__(self, _, owner_cls):
+        return self.fget(owner_cls)
+
+
+def registered_presets():
+    """A copy of the registry, with the tiny preset's parameter count."""
+    presets = {name: dict(entry) for name, entry in PRESETS.items()}
+    tiny = presets["gemma2_tiny_en"]
+    metadata_path = pathlib.Path(tiny["kaggle_handle"]) / "metadata.json"
+    if metadata_path.exists():
+        import json
+
+        params = json.loads(metadata_path.read_text()).get("parameter_count")
+        tiny["metadata"] = {**tiny["metadata"], "params": params}
+    return presets
+
+
+def resolve(preset, kwargs):
+    """Maps a preset name to its handle and applies its default dtype.
+
+    Returns `(handle, kwargs)`. Paths and `scheme://` handles pass through;
+    an unknown name raises a ValueError that lists the close matches.
+    """
+    if isinstance(preset, pathlib.Path):
+        preset = str(preset)
+    if not isinstance(preset, str):
+        raise TypeError(
+            "`preset` must be a preset name (see `Gemma2CausalLM.presets`) or "
+            f"a path to a preset folder; got {type(preset).__name__}."
+        )
+    if preset in PRESETS:
+        entry = PRESETS[preset]
+        if entry["default_dtype"] and kwargs.get("dtype") is None:
+            kwargs = {**kwargs, "dtype": entry["default_dtype"]}
+        handle = entry["kaggle_handle"]
+        if "://" not in handle and not os.path.isdir(handle):
+            raise FileNotFoundError(
+                f"The bundled preset `{preset}` is not at {handle}. Install "
+                "keras_gemma2 from a clone (`pip install -e .`) or set "
+                "KERAS_GEMMA2_PRESETS_DIR to the folder that holds it."
+            )
+        return handle, kwargs
+    if "://" in preset or os.path.exists(preset):
+        return preset, kwargs
+    close = difflib.get_close_matches(preset, list(PRESETS), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(
+        f"Unknown preset {preset!r}: it is neither a registered name nor an "
+        f"existing folder.{hint} Registered presets: {', '.join(PRESETS)}."
+    )

@@ -52,3 +52,38 @@ GEMMA2_27B = {
 }
 
 ARCHITECTURES = {"2b": GEMMA2_2B, "9b": GEMMA2_9B, "27b": GEMMA2_27B}
+
+
+def abstract_parameter_count(kwargs):
+    """Counts a `Gemma2Backbone`'s parameters without allocating them.
+
+    The backbone is built inside a `keras.StatelessScope` that defers every
+    initializer, so the 27B's 27 billion weights are shapes only.
+
+    Args:
+        kwargs: dict. `Gemma2Backbone` arguments, e.g. `GEMMA2_27B`.
+
+    Example:
+    ```python
+    from keras_gemma2.architectures import GEMMA2_9B, abstract_parameter_count
+    abstract_parameter_count(GEMMA2_9B)  # 9241705984
+    ```
+    """
+    import math
+
+    import keras
+    from keras.src.backend.common import global_state
+
+    from keras_gemma2.backbone import Gemma2Backbone
+
+    with keras.StatelessScope(initialize_variables=False):
+        backbone = Gemma2Backbone(**kwargs)
+        count = sum(math.prod(w.shape) for w in backbone.weights)
+    # Keras keeps deferred variables in a global list that the next stateless
+    # scope to close would initialise; drop ours so nothing materialises.
+    ours = {id(w) for w in backbone.weights}
+    pending = global_state.get_global_attribute("uninitialized_variables") or []
+    global_state.set_global_attribute(
+        "uninitialized_variables", [v for v in pending if id(v) not in ours]
+    )
+    return count

@@ -179,9 +179,6 @@ class Gemma2Attention(keras.layers.Layer):
         )
         return self.attention_output(out), cache
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -164,6 +164,7 @@ class Gemma2DecoderBlock(keras.layers.Layer):
                 head_dim]`; `x` then holds positions `cache_update_index ...`.
             cache_update_index: int or int tensor. Position of `x[:, 0]`.
         """
+        x = ops.cast(x, self.compute_dtype)
         query_length = ops.shape(x)[1]
         if cache is None:
             key_length, start = query_length, 0
@@ -199,9 +200,6 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         if cache is None:
             return x
         return x, cache
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
     def get_config(self):
         config = super().get_config()

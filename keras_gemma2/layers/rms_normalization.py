@@ -42,10 +42,7 @@ class Gemma2RMSNormalization(keras.layers.Layer):
         mean_square = ops.mean(ops.square(x_float), axis=-1, keepdims=True)
         normed = x_float * ops.rsqrt(mean_square + self.epsilon)
         normed = normed * (1.0 + ops.cast(self.scale, "float32"))
-        return ops.cast(normed, x.dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
+        return ops.cast(normed, self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()

@@ -1,0 +1,54 @@
+"""Every `Example:` in a public docstring runs as written."""
+
+import inspect
+import re
+
+import keras
+import numpy as np
+import pytest
+
+import keras_gemma2
+from keras_gemma2 import architectures
+from keras_gemma2.layers import attention_masks
+
+PUBLIC = [
+    keras_gemma2.Gemma2Backbone,
+    keras_gemma2.Gemma2Backbone.from_preset,
+    keras_gemma2.Gemma2CausalLM,
+    keras_gemma2.Gemma2CausalLM.from_preset,
+    keras_gemma2.Gemma2CausalLM.generate,
+    keras_gemma2.Gemma2CausalLM.score,
+    keras_gemma2.Gemma2CausalLMPreprocessor,
+    keras_gemma2.Gemma2Tokenizer,
+    keras_gemma2.Gemma2Tokenizer.from_preset,
+    keras_gemma2.Gemma2Attention,
+    keras_gemma2.Gemma2DecoderBlock,
+    keras_gemma2.Gemma2RMSNormalization,
+    architectures.abstract_parameter_count,
+]
+
+
+def _examples(obj):
+    doc = inspect.getdoc(obj) or ""
+    return re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+
+
+def test_every_public_name_has_an_example():
+    missing = [obj.__qualname__ for obj in PUBLIC if not _examples(obj)]
+    assert not missing
+
+
+@pytest.mark.parametrize("obj", PUBLIC, ids=lambda o: o.__qualname__)
+def test_examples_run(obj):
+    for example in _examples(obj):
+        namespace = {"keras_gemma2": keras_gemma2, "np": np, "keras": keras}
+        exec(compile(example, obj.__qualname__, "exec"), namespace)
+
+
+def test_attention_layer_types_doctest():
+    assert attention_masks.attention_layer_types(4) == (
+        "local",
+        "global",
+        "local",
+        "global",
+    )

@@ -1,0 +1,25 @@
+"""The notebooks run top to bottom, on the current backend, as users run them."""
+
+import pathlib
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted(
+    (pathlib.Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb")
+)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes(path):
+    notebook = nbformat.read(str(path), as_version=4)
+    # The kernel inherits KERAS_BACKEND from this process.
+    NotebookClient(notebook, timeout=600, kernel_name="python3").execute()
+    errors = [
+        output
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "error"
+    ]
+    assert not errors

@@ -1,16 +1,14 @@
 """Gemma2Backbone: token embedding -> decoder blocks -> final RMSNorm."""
 
 import keras
-from keras import ops
-
-from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
+from keras_gemma2 import presets as presets_lib
 from keras_gemma2.layers.attention import check_head_counts
 from keras_gemma2.layers.attention_masks import attention_layer_types
 from keras_gemma2.layers.decoder_block import Gemma2DecoderBlock
+from keras_gemma2.layers.embedding import Gemma2Embedding
 from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
-from keras_gemma2 import presets as presets_lib
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -94,7 +92,7 @@ class Gemma2Backbone(Backbone):
             query_pre_attn_scalar = head_dim
 
         # === Layers ===
-        self.token_embedding = ReversibleEmbedding(
+        self.token_embedding = Gemma2Embedding(
             input_dim=vocabulary_size,
             output_dim=hidden_dim,
             tie_weights=True,
@@ -172,11 +170,7 @@ class Gemma2Backbone(Backbone):
 
     def embed(self, token_ids):
         """Token ids `[b, t]` -> embeddings scaled by sqrt(hidden_dim)."""
-        x = self.token_embedding(token_ids)
-        # The normalizer is cast to the compute dtype before the multiply, as
-        # in the reference: in bfloat16 sqrt(3584) = 59.87 becomes 60.0.
-        hidden_dim = self.token_embedding.output_dim
-        return x * ops.cast(ops.sqrt(float(hidden_dim)), x.dtype)
+        return self.token_embedding(token_ids)
 
     def logits(self, hidden_states):
         """Hidden states `[b, t, d]` -> soft-capped logits `[b, t, vocab]`."""

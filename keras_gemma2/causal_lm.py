@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 from keras import ops
-
 from keras_hub.models import CausalLM
 from keras_hub.models import GemmaCausalLM
 
@@ -118,7 +117,10 @@ class Gemma2CausalLM(CausalLM):
 
     def _build_cache(self, token_ids):
         """Empty caches, filled by one pass over `token_ids`."""
-        batch_size, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        batch_size, max_length = (
+            ops.shape(token_ids)[0],
+            ops.shape(token_ids)[1],
+        )
         backbone = self.backbone
         # Per layer: [batch, 2 (key, value), max_length, kv_heads, head_dim].
         shape = [
@@ -334,7 +336,10 @@ class Gemma2CausalLM(CausalLM):
                 padding_mask = np.ones_like(token_ids)
         padding_mask = np.asarray(padding_mask).astype("int32")
         logits = self(
-            {"token_ids": token_ids.astype("int32"), "padding_mask": padding_mask}
+            {
+                "token_ids": token_ids.astype("int32"),
+                "padding_mask": padding_mask,
+            }
         )
         log_probs = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
         # Token t is predicted at position t - 1.

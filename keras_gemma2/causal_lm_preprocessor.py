@@ -1,7 +1,6 @@
 """Gemma2CausalLMPreprocessor: strings -> `<bos>` ids, padding mask, labels."""
 
 import keras
-
 from keras_hub.models import CausalLMPreprocessor
 
 from keras_gemma2 import presets as presets_lib

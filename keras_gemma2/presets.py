@@ -117,7 +117,9 @@ def resolve(preset, kwargs):
     if "://" in preset or os.path.exists(preset):
         return preset, kwargs
     close = difflib.get_close_matches(preset, list(PRESETS), n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = (
+        f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    )
     raise ValueError(
         f"Unknown preset {preset!r}: it is neither a registered name nor an "
         f"existing folder.{hint} Registered presets: {', '.join(PRESETS)}."

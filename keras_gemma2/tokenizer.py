@@ -1,7 +1,6 @@
 """Gemma2Tokenizer: SentencePiece with Gemma's special tokens."""
 
 import keras
-
 from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_gemma2 import presets as presets_lib

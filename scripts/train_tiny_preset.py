@@ -107,7 +107,9 @@ def main():
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--output", default=str(ROOT / "presets/gemma2_tiny_en"))
+    parser.add_argument(
+        "--output", default=str(ROOT / "presets/gemma2_tiny_en")
+    )
     args = parser.parse_args()
 
     import keras

@@ -84,20 +84,28 @@ def load_hf_weights(backbone, hf):
         backbone.head_dim,
     )
     d = backbone.hidden_dim
-    backbone.token_embedding.embeddings.assign(state["model.embed_tokens.weight"])
+    backbone.token_embedding.embeddings.assign(
+        state["model.embed_tokens.weight"]
+    )
     backbone.final_normalization.scale.assign(state["model.norm.weight"])
     for i, block in enumerate(backbone.transformer_layers):
         p = f"model.layers.{i}."
         attention = block.attention
         # HF q_proj: [n * h, d] -> ours [n, d, h].
         attention.query.kernel.assign(
-            state[p + "self_attn.q_proj.weight"].reshape(n, h, d).transpose(0, 2, 1)
+            state[p + "self_attn.q_proj.weight"]
+            .reshape(n, h, d)
+            .transpose(0, 2, 1)
         )
         attention.key.kernel.assign(
-            state[p + "self_attn.k_proj.weight"].reshape(k, h, d).transpose(0, 2, 1)
+            state[p + "self_attn.k_proj.weight"]
+            .reshape(k, h, d)
+            .transpose(0, 2, 1)
         )
         attention.value.kernel.assign(
-            state[p + "self_attn.v_proj.weight"].reshape(k, h, d).transpose(0, 2, 1)
+            state[p + "self_attn.v_proj.weight"]
+            .reshape(k, h, d)
+            .transpose(0, 2, 1)
         )
         # HF o_proj: [d, n * h] -> ours [n, h, d].
         attention.attention_output.kernel.assign(

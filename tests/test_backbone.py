@@ -13,7 +13,9 @@ from tests.harness import TestCase
 
 def _ids(batch=2, length=11, seed=0):
     rng = np.random.default_rng(seed)
-    ids = rng.integers(4, references.TINY_KWARGS["vocabulary_size"], (batch, length))
+    ids = rng.integers(
+        4, references.TINY_KWARGS["vocabulary_size"], (batch, length)
+    )
     ids[:, 0] = 2  # <bos>
     return ids.astype("int32")
 
@@ -36,7 +38,9 @@ class ParityWithTransformersTest(TestCase):
         self.assertLess(np.abs(actual - expected).max(), 1e-4)
         # The comparison can fail: a wrong query scale is far off.
         wrong = references.our_twin(hf, query_pre_attn_scalar=8)
-        self.assertGreater(np.abs(_logits(wrong, token_ids) - expected).max(), 1e-2)
+        self.assertGreater(
+            np.abs(_logits(wrong, token_ids) - expected).max(), 1e-2
+        )
 
     def test_right_padded_batch_matches_transformers(self):
         hf = references.hf_model(seed=1)
@@ -61,7 +65,9 @@ class ArchitectureTest(TestCase):
             "27b": 27_227_128_320,
         }
         for size, count in expected.items():
-            self.assertEqual(abstract_parameter_count(ARCHITECTURES[size]), count)
+            self.assertEqual(
+                abstract_parameter_count(ARCHITECTURES[size]), count
+            )
 
     def test_registry_params_match_abstract_builds(self):
         presets = keras_gemma2.Gemma2Backbone.presets
@@ -111,7 +117,9 @@ class FlagsChangeOutputTest(TestCase):
     def _compare(self, **changed):
         base = keras_gemma2.Gemma2Backbone(**references.TINY_KWARGS)
         base_weights = {w.path: w for w in base.weights}
-        other = keras_gemma2.Gemma2Backbone(**{**references.TINY_KWARGS, **changed})
+        other = keras_gemma2.Gemma2Backbone(
+            **{**references.TINY_KWARGS, **changed}
+        )
         for w in other.weights:
             w.assign(base_weights[w.path])
         # Non-zero norm scales so that post norms are not the identity.
@@ -119,7 +127,9 @@ class FlagsChangeOutputTest(TestCase):
             if w.path.endswith("scale"):
                 w.assign(np.linspace(-0.5, 0.5, w.shape[0]))
         token_ids = _ids(length=12)
-        return np.abs(_logits(base, token_ids) - _logits(other, token_ids)).max()
+        return np.abs(
+            _logits(base, token_ids) - _logits(other, token_ids)
+        ).max()
 
     def test_attention_soft_cap(self):
         self.assertGreater(self._compare(attention_logit_soft_cap=None), 1e-4)
@@ -128,7 +138,9 @@ class FlagsChangeOutputTest(TestCase):
         self.assertGreater(self._compare(final_logit_soft_cap=None), 1e-4)
 
     def test_sliding_window(self):
-        self.assertGreater(self._compare(use_sliding_window_attention=False), 1e-4)
+        self.assertGreater(
+            self._compare(use_sliding_window_attention=False), 1e-4
+        )
         self.assertGreater(self._compare(sliding_window_size=6), 1e-4)
 
     def test_query_scalar(self):
@@ -143,10 +155,15 @@ class FlagsChangeOutputTest(TestCase):
 class ValidationTest(TestCase):
     def test_query_heads_must_divide(self):
         kwargs = {**references.TINY_KWARGS, "num_key_value_heads": 3}
-        with pytest.raises(ValueError, match=r"divisible.*Valid num_key_value_heads: \[1, 2, 4\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"divisible.*Valid num_key_value_heads: \[1, 2, 4\]",
+        ):
             keras_gemma2.Gemma2Backbone(**kwargs)
 
     def test_sliding_window_must_be_positive(self):
         kwargs = {**references.TINY_KWARGS, "sliding_window_size": 0}
-        with pytest.raises(ValueError, match="use_sliding_window_attention=False"):
+        with pytest.raises(
+            ValueError, match="use_sliding_window_attention=False"
+        ):
             keras_gemma2.Gemma2Backbone(**kwargs)

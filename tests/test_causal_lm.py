@@ -34,14 +34,22 @@ class CachedDecodingTest(TestCase):
         _, lm = _lm()
         token_ids = _prompts([13], 13)["token_ids"]
         full = keras.ops.convert_to_numpy(
-            lm({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})
+            lm(
+                {
+                    "token_ids": token_ids,
+                    "padding_mask": np.ones_like(token_ids),
+                }
+            )
         )
         cache = tuple(
-            keras.ops.zeros((1, 2, 13, 2, 8)) for _ in range(lm.backbone.num_layers)
+            keras.ops.zeros((1, 2, 13, 2, 8))
+            for _ in range(lm.backbone.num_layers)
         )
         steps = []
         for t in range(13):
-            logits, _, cache = lm.call_with_cache(token_ids[:, t : t + 1], cache, t)
+            logits, _, cache = lm.call_with_cache(
+                token_ids[:, t : t + 1], cache, t
+            )
             steps.append(keras.ops.convert_to_numpy(logits)[:, 0])
         self.assertLess(np.abs(np.stack(steps, axis=1) - full).max(), 1e-5)
 
@@ -86,7 +94,14 @@ class SamplersTest(TestCase):
     def test_every_keras_hub_sampler_runs(self):
         _, lm = _lm()
         inputs = _prompts([3, 5], 9)
-        for sampler in ("greedy", "top_k", "top_p", "beam", "random", "contrastive"):
+        for sampler in (
+            "greedy",
+            "top_k",
+            "top_p",
+            "beam",
+            "random",
+            "contrastive",
+        ):
             lm.compile(sampler=sampler)
             outputs = lm.generate(inputs, stop_token_ids=None)
             self.assertEqual(outputs["token_ids"].shape, (2, 9))
@@ -102,12 +117,16 @@ class ScoreTest(TestCase):
         hf, lm = _lm()
         inputs = _prompts([10, 7], 10)
         scores = lm.score(inputs["token_ids"], inputs["padding_mask"])
-        logits = references.hf_logits(hf, inputs["token_ids"], inputs["padding_mask"])
+        logits = references.hf_logits(
+            hf, inputs["token_ids"], inputs["padding_mask"]
+        )
         log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         for row, length in enumerate([10, 7]):
             ids = inputs["token_ids"][row, 1:length]
             expected = log_probs[row, np.arange(length - 1), ids]
-            np.testing.assert_allclose(scores[row, 1:length], expected, atol=1e-4)
+            np.testing.assert_allclose(
+                scores[row, 1:length], expected, atol=1e-4
+            )
             self.assertTrue((scores[row, length:] == 0).all())
         self.assertTrue((scores[:, 0] == 0).all())
 
@@ -127,3 +146,37 @@ class InputErrorsTest(TestCase):
         _, lm = _lm()
         with pytest.raises(ValueError, match=r"stop_token_ids=\(1, 107\)"):
             lm.generate(_prompts([3], 5))
+
+
+class LoraFitTest(TestCase):
+    def test_fit_trains_only_the_lora_weights(self):
+        _, lm = _lm()
+        lm.backbone.enable_lora(rank=2)
+        trainable = {w.path for w in lm.trainable_weights}
+        self.assertTrue(trainable)
+        self.assertTrue(all("lora_kernel" in p for p in trainable))
+        before = {
+            w.path: keras.ops.convert_to_numpy(w).copy() for w in lm.weights
+        }
+        inputs = _prompts([8, 8, 6, 7], 8, seed=3)
+        labels = np.roll(inputs["token_ids"], -1, axis=1)
+        lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+        history = lm.fit(
+            inputs,
+            labels,
+            sample_weight=inputs["padding_mask"],
+            batch_size=2,
+            epochs=3,
+            verbose=0,
+        )
+        losses = history.history["loss"]
+        self.assertLess(losses[-1], losses[0])
+        for w in lm.weights:
+            changed = not np.array_equal(
+                before[w.path], keras.ops.convert_to_numpy(w)
+            )
+            # lora_kernel_b starts at zero and must move; base weights must not.
+            if "lora_kernel_b" in w.path:
+                self.assertTrue(changed, w.path)
+            elif "lora" not in w.path:
+                self.assertFalse(changed, w.path)

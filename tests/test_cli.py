@@ -20,7 +20,9 @@ def _run(*args):
 
 def test_generate_with_the_bundled_preset():
     backend = keras.config.backend()
-    result = _run("generate", "The tokenizer", "--max-length", "16", "--backend", backend)
+    result = _run(
+        "generate", "The tokenizer", "--max-length", "16", "--backend", backend
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().startswith("The tokenizer")
     assert len(result.stdout.split()) > 3

@@ -24,6 +24,7 @@ PUBLIC = [
     keras_gemma2.Gemma2Attention,
     keras_gemma2.Gemma2DecoderBlock,
     keras_gemma2.Gemma2RMSNormalization,
+    keras_gemma2.layers.Gemma2Embedding,
     architectures.abstract_parameter_count,
 ]
 

@@ -21,19 +21,27 @@ class AttentionMasksTest(TestCase):
             ],
             bool,
         )
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mask)[0], expected)
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(mask)[0], expected
+        )
 
     def test_global_mask_with_padding_table(self):
         padding = np.array([[1, 1, 1, 0]])
-        mask = attention_masks.decoder_attention_mask(4, 4, padding_mask=padding)
+        mask = attention_masks.decoder_attention_mask(
+            4, 4, padding_mask=padding
+        )
         expected = np.array(
             [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0]], bool
         )
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(mask)[0], expected)
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(mask)[0], expected
+        )
 
     def test_cached_decode_step_sees_its_window_of_the_cache(self):
         # Query at position 5 of a 7-slot cache, window 3: keys 3, 4, 5.
-        mask = attention_masks.decoder_attention_mask(1, 7, start_index=5, window_size=3)
+        mask = attention_masks.decoder_attention_mask(
+            1, 7, start_index=5, window_size=3
+        )
         np.testing.assert_array_equal(
             keras.ops.convert_to_numpy(mask)[0, 0], [0, 0, 0, 1, 1, 1, 0]
         )

@@ -1,4 +1,4 @@
-"""The notebooks run top to bottom, on the current backend, as users run them."""
+"""The notebooks run top to bottom on the current backend, as users do."""
 
 import pathlib
 
@@ -7,7 +7,9 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted(
-    (pathlib.Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb")
+    (pathlib.Path(__file__).resolve().parent.parent / "notebooks").glob(
+        "*.ipynb"
+    )
 )
 
 

@@ -2,10 +2,10 @@
 
 import json
 import pathlib
-
 import re
 import sys
 
+import keras
 import numpy as np
 import pytest
 
@@ -14,7 +14,9 @@ from keras_gemma2 import presets as presets_lib
 from tests.harness import TestCase
 
 TINY = presets_lib.PRESETS_DIR / "gemma2_tiny_en"
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "scripts"))
+sys.path.insert(
+    0, str(pathlib.Path(__file__).resolve().parent.parent / "scripts")
+)
 import tiny_corpus  # noqa: E402
 
 
@@ -27,7 +29,10 @@ class RegistryTest(TestCase):
         presets = keras_gemma2.Gemma2CausalLM.presets
         for size in ("2b", "9b", "27b"):
             for name in (f"gemma2_{size}_en", f"gemma2_instruct_{size}_en"):
-                self.assertIn("kaggle://keras/gemma2/keras/", presets[name]["kaggle_handle"])
+                self.assertIn(
+                    "kaggle://keras/gemma2/keras/",
+                    presets[name]["kaggle_handle"],
+                )
         self.assertEqual(set(presets), set(keras_gemma2.Gemma2Backbone.presets))
 
     def test_released_checkpoints_default_to_bfloat16(self):
@@ -48,7 +53,9 @@ class RegistryTest(TestCase):
     def test_tiny_preset_size_and_metadata(self):
         size = sum(f.stat().st_size for f in TINY.rglob("*") if f.is_file())
         self.assertLess(size, 20 * 1024 * 1024)
-        params = keras_gemma2.Gemma2CausalLM.presets["gemma2_tiny_en"]["metadata"]["params"]
+        params = keras_gemma2.Gemma2CausalLM.presets["gemma2_tiny_en"][
+            "metadata"
+        ]["params"]
         backbone = keras_gemma2.Gemma2Backbone.from_preset("gemma2_tiny_en")
         self.assertEqual(params, backbone.count_params())
         # Local and global layers, both soft caps, GQA: a real Gemma 2 shape.
@@ -99,9 +106,32 @@ class TinyPresetTest(TestCase):
         alone = [self.lm.generate(p, max_new_tokens=8) for p in prompts]
         self.assertEqual(batch, alone)
 
+    def test_stops_at_end_of_turn_by_default(self):
+        # Steer a real model by its weights: swap the embedding rows of its
+        # first greedy token and <end_of_turn>, so it now says <end_of_turn>.
+        lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+        prompt = lm.preprocessor.generate_preprocess(["The tokenizer"], 12)
+        prompt = {k: keras.ops.convert_to_numpy(v) for k, v in prompt.items()}
+        length = int(prompt["padding_mask"].sum())
+        free = lm.generate(prompt, stop_token_ids=None)["token_ids"][0]
+        first = int(free[length])
+        self.assertNotIn(first, prompt["token_ids"][0, :length].tolist())
+        table = lm.backbone.token_embedding.embeddings
+        rows = keras.ops.convert_to_numpy(table).copy()
+        rows[[first, 107]] = rows[[107, first]]
+        table.assign(rows)
+        stopped = lm.generate(prompt)
+        self.assertEqual(int(stopped["token_ids"][0, length]), 107)
+        self.assertEqual(int(stopped["padding_mask"][0].sum()), length + 1)
+        # Stopping at <eos> alone (KerasHub's default) runs past the turn.
+        eos_only = lm.generate(prompt, stop_token_ids=(1,))
+        self.assertGreater(int(eos_only["padding_mask"][0].sum()), length + 1)
+
     def test_prompt_longer_than_max_length_is_an_error(self):
         with pytest.raises(ValueError, match="max_new_tokens"):
-            self.lm.generate("The tokenizer reads a stream of text", max_length=4)
+            self.lm.generate(
+                "The tokenizer reads a stream of text", max_length=4
+            )
 
     def test_non_string_prompt_is_an_error(self):
         with pytest.raises(TypeError, match="Prompts must be strings"):
@@ -118,4 +148,6 @@ class TinyPresetTest(TestCase):
             self.lm.generate(prompt, max_new_tokens=10),
             restored.generate(prompt, max_new_tokens=10),
         )
-        np.testing.assert_array_equal(self.lm.score(prompt), restored.score(prompt))
+        np.testing.assert_array_equal(
+            self.lm.score(prompt), restored.score(prompt)
+        )

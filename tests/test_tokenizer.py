@@ -13,7 +13,9 @@ class TokenizerTest(TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.tokenizer = keras_gemma2.Gemma2Tokenizer.from_preset("gemma2_tiny_en")
+        cls.tokenizer = keras_gemma2.Gemma2Tokenizer.from_preset(
+            "gemma2_tiny_en"
+        )
 
     def test_special_token_ids(self):
         t = self.tokenizer

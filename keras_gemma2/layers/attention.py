@@ -7,7 +7,6 @@ h head_dim.
 
 import keras
 from keras import ops
-
 from keras_hub.layers import RotaryEmbedding
 
 # Finite, so that a fully masked row (a padded query) gives a uniform softmax
@@ -138,9 +137,7 @@ class Gemma2Attention(keras.layers.Layer):
         start = 0 if cache is None else cache_update_index
         # [b, t, n, h]
         query = self.rotary(self.query(x), start_index=start)
-        query = query * ops.cast(
-            self.query_pre_attn_scalar**-0.5, query.dtype
-        )
+        query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
         # [b, t, k, h]
         key = self.rotary(self.key(x), start_index=start)
         value = self.value(x)

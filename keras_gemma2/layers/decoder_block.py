@@ -116,12 +116,16 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             norm("post_attention_norm") if use_post_attention_norm else None
         )
         self.pre_ffw_norm = norm("pre_ffw_norm")
-        self.ffw_gating = dense("btd,df->btf", (None, intermediate_dim), "ffw_gating")
+        self.ffw_gating = dense(
+            "btd,df->btf", (None, intermediate_dim), "ffw_gating"
+        )
         self.ffw_gating_2 = dense(
             "btd,df->btf", (None, intermediate_dim), "ffw_gating_2"
         )
         self.ffw_linear = dense("btf,fd->btd", (None, hidden_dim), "ffw_linear")
-        self.post_ffw_norm = norm("post_ffw_norm") if use_post_ffw_norm else None
+        self.post_ffw_norm = (
+            norm("post_ffw_norm") if use_post_ffw_norm else None
+        )
         self.dropout_layer = keras.layers.Dropout(
             dropout, dtype=self.dtype_policy, name="residual_dropout"
         )

@@ -12,7 +12,7 @@ from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
-class Gemma2Backbone(Backbone):
+class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
     """The Gemma 2 decoder network, with every hyperparameter explicit.
 
     Takes `token_ids` and `padding_mask` and returns the final hidden states
@@ -215,32 +215,6 @@ class Gemma2Backbone(Backbone):
             }
         )
         return config
-
-    @presets_lib.classproperty
-    def presets(cls):
-        """The registered presets: name -> metadata and handle."""
-        return presets_lib.registered_presets()
-
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Instantiates a `Gemma2Backbone` from a preset name or folder.
-
-        Registered Gemma 2 checkpoints load in bfloat16 unless `dtype=` says
-        otherwise; a folder loads in the dtype it was saved in.
-
-        Args:
-            preset: string. A name in `Gemma2Backbone.presets` or a path to a
-                preset folder.
-            load_weights: bool. Load the saved weights. Defaults to `True`.
-            **kwargs: forwarded to the constructor, e.g. `dtype`.
-
-        Example:
-        ```python
-        backbone = keras_gemma2.Gemma2Backbone.from_preset("gemma2_tiny_en")
-        ```
-        """
-        preset, kwargs = presets_lib.resolve(preset, kwargs)
-        return super().from_preset(preset, load_weights=load_weights, **kwargs)
 
 
 def _validate_architecture(

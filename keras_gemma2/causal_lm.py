@@ -12,7 +12,7 @@ from keras_gemma2.causal_lm_preprocessor import Gemma2CausalLMPreprocessor
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
-class Gemma2CausalLM(CausalLM):
+class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
     """Gemma 2 for causal language modeling: `generate`, `score` and `fit`.
 
     `generate()` takes a string, a list of strings (any prompt lengths) or a
@@ -73,25 +73,6 @@ class Gemma2CausalLM(CausalLM):
             sampler=sampler,
             **kwargs,
         )
-
-    @presets_lib.classproperty
-    def presets(cls):
-        return presets_lib.registered_presets()
-
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Loads a preset name (`Gemma2CausalLM.presets`) or folder.
-
-        Registered Gemma 2 checkpoints load in bfloat16 unless `dtype=` says
-        otherwise. An unknown name raises a ValueError with close matches.
-
-        Example:
-        ```python
-        lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
-        ```
-        """
-        preset, kwargs = presets_lib.resolve(preset, kwargs)
-        return super().from_preset(preset, load_weights=load_weights, **kwargs)
 
     # --- cached decoding: KerasHub's sampler contract ---------------------
 

@@ -9,7 +9,9 @@ from keras_gemma2.tokenizer import Gemma2Tokenizer
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
-class Gemma2CausalLMPreprocessor(CausalLMPreprocessor):
+class Gemma2CausalLMPreprocessor(
+    presets_lib.RegisteredPresetsMixin, CausalLMPreprocessor
+):
     """Tokenizes, adds `<bos>`/`<eos>`, pads, and shifts labels for `fit`.
 
     For training, `x` strings become `({"token_ids", "padding_mask"}, labels,
@@ -33,14 +35,4 @@ class Gemma2CausalLMPreprocessor(CausalLMPreprocessor):
 
     backbone_cls = Gemma2Backbone
     tokenizer_cls = Gemma2Tokenizer
-
-    @presets_lib.classproperty
-    def presets(cls):
-        return presets_lib.registered_presets()
-
-    @classmethod
-    def from_preset(cls, preset, config_file="preprocessor.json", **kwargs):
-        """Loads the preprocessor of a preset name or folder."""
-        preset, kwargs = presets_lib.resolve(preset, kwargs)
-        kwargs.pop("dtype", None)
-        return super().from_preset(preset, config_file=config_file, **kwargs)
+    _preset_takes_dtype = False

@@ -76,6 +76,48 @@ class classproperty(property):
         return self.fget(owner_cls)
 
 
+class RegisteredPresetsMixin:
+    """Our registry in `presets` and name resolution in `from_preset`.
+
+    Put it before the KerasHub base class: `class X(RegisteredPresetsMixin,
+    Backbone)`. Classes without weights set `_preset_takes_dtype = False`.
+    """
+
+    _preset_takes_dtype = True
+
+    @classproperty
+    def presets(cls):
+        """The registered presets: name -> metadata and handle."""
+        return registered_presets()
+
+    @classmethod
+    def from_preset(cls, preset, **kwargs):
+        """Loads a registered preset name or a preset folder.
+
+        Registered Gemma 2 checkpoints load in bfloat16 unless `dtype=` says
+        otherwise; a folder loads in the dtype it was saved in. An unknown
+        name raises a ValueError that lists the close matches.
+
+        Args:
+            preset: string. A name in `cls.presets` or a preset folder.
+            **kwargs: forwarded to KerasHub's `from_preset`, e.g. `dtype`,
+                `load_weights`.
+
+        Example:
+        ```python
+        lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+        backbone = keras_gemma2.Gemma2Backbone.from_preset(
+            "gemma2_tiny_en", dtype="bfloat16"
+        )
+        tokenizer = keras_gemma2.Gemma2Tokenizer.from_preset("gemma2_tiny_en")
+        ```
+        """
+        preset, kwargs = resolve(preset, kwargs)
+        if not cls._preset_takes_dtype:
+            kwargs.pop("dtype", None)
+        return super().from_preset(preset, **kwargs)
+
+
 def registered_presets():
     """A copy of the registry, with the tiny preset's parameter count."""
     presets = {name: dict(entry) for name, entry in PRESETS.items()}

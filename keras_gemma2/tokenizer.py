@@ -11,7 +11,9 @@ START_OF_TURN_ID, END_OF_TURN_ID = 106, 107
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
-class Gemma2Tokenizer(SentencePieceTokenizer):
+class Gemma2Tokenizer(
+    presets_lib.RegisteredPresetsMixin, SentencePieceTokenizer
+):
     """Gemma 2's SentencePiece tokenizer.
 
     `<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3, `<start_of_turn>` 106 and
@@ -29,6 +31,8 @@ class Gemma2Tokenizer(SentencePieceTokenizer):
     text = tokenizer.detokenize(ids)
     ```
     """
+
+    _preset_takes_dtype = False
 
     def __init__(self, proto, **kwargs):
         self._add_special_token("<bos>", "start_token")
@@ -65,20 +69,3 @@ class Gemma2Tokenizer(SentencePieceTokenizer):
     def stop_token_ids(self):
         """Ids that end generation by default: `<eos>`, `<end_of_turn>`."""
         return (self.end_token_id, self.end_of_turn_token_id)
-
-    @presets_lib.classproperty
-    def presets(cls):
-        return presets_lib.registered_presets()
-
-    @classmethod
-    def from_preset(cls, preset, **kwargs):
-        """Loads the tokenizer of a preset name or folder.
-
-        Example:
-        ```python
-        tokenizer = keras_gemma2.Gemma2Tokenizer.from_preset("gemma2_tiny_en")
-        ```
-        """
-        preset, kwargs = presets_lib.resolve(preset, kwargs)
-        kwargs.pop("dtype", None)
-        return super().from_preset(preset, **kwargs)

@@ -9,18 +9,17 @@ import pytest
 
 import keras_gemma2
 from keras_gemma2 import architectures
+from keras_gemma2 import presets as presets_lib
 from keras_gemma2.layers import attention_masks
 
 PUBLIC = [
     keras_gemma2.Gemma2Backbone,
-    keras_gemma2.Gemma2Backbone.from_preset,
+    presets_lib.RegisteredPresetsMixin.from_preset,
     keras_gemma2.Gemma2CausalLM,
-    keras_gemma2.Gemma2CausalLM.from_preset,
     keras_gemma2.Gemma2CausalLM.generate,
     keras_gemma2.Gemma2CausalLM.score,
     keras_gemma2.Gemma2CausalLMPreprocessor,
     keras_gemma2.Gemma2Tokenizer,
-    keras_gemma2.Gemma2Tokenizer.from_preset,
     keras_gemma2.Gemma2Attention,
     keras_gemma2.Gemma2DecoderBlock,
     keras_gemma2.Gemma2RMSNormalization,

@@ -4,6 +4,7 @@ import keras
 from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_gemma2 import presets as presets_lib
+from keras_gemma2.backbone import Gemma2Backbone
 
 # Ids fixed by every Gemma vocabulary (shared/GEMMA2.md).
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -32,6 +33,7 @@ class Gemma2Tokenizer(
     ```
     """
 
+    backbone_cls = Gemma2Backbone
     _preset_takes_dtype = False
 
     def __init__(self, proto, **kwargs):

@@ -40,12 +40,32 @@ class TokenizerTest(TestCase):
         self.assertEqual(self.tokenizer.detokenize(ids), text)
 
     def test_rejects_a_vocabulary_with_other_ids(self):
+        # Gemma's tokens, at Llama-like ids: a silent mismatch without a check.
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(["hello world", "a quick brown fox"] * 20),
             model_writer=model,
-            vocab_size=30,
+            vocab_size=25,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            bos_piece="<bos>",
+            eos_piece="<eos>",
+            pad_piece="<pad>",
+            user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
             minloglevel=2,
         )
         with pytest.raises(ValueError, match="not a Gemma vocabulary"):
+            keras_gemma2.Gemma2Tokenizer(proto=model.getvalue())
+
+    def test_rejects_a_vocabulary_without_the_special_tokens(self):
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(["hello world", "a quick brown fox"] * 20),
+            model_writer=model,
+            vocab_size=22,
+            minloglevel=2,
+        )
+        with pytest.raises(ValueError, match="Cannot find special token"):
             keras_gemma2.Gemma2Tokenizer(proto=model.getvalue())

@@ -20,8 +20,9 @@ sys.path.insert(
 import tiny_corpus  # noqa: E402
 
 
-def _words(text):
-    return re.findall(r"[a-z]{3,}", text.lower())
+def _bigrams(text):
+    words = re.findall(r"[a-z]{2,}", text.lower())
+    return list(zip(words, words[1:]))
 
 
 class RegistryTest(TestCase):
@@ -78,17 +79,18 @@ class TinyPresetTest(TestCase):
         cls.lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
 
     def test_generates_text_like_its_corpus(self):
-        # Words of the generated text are words of Python's documentation,
-        # far more often than those of the same model with random weights.
+        # Pairs of consecutive words in the generated text are pairs that
+        # occur in Python's documentation; the same model with random
+        # weights strings BPE pieces together and almost never hits one.
         corpus = set()
         for doc in tiny_corpus.documents():
-            corpus.update(_words(doc))
+            corpus.update(_bigrams(doc))
         prompts = ["The tokenizer", "A list is", "If the"]
 
         def in_corpus(lm):
             texts = lm.generate(prompts, max_new_tokens=32, strip_prompt=True)
-            words = [w for text in texts for w in _words(text)]
-            return sum(w in corpus for w in words) / max(len(words), 1)
+            pairs = [pair for text in texts for pair in _bigrams(text)]
+            return sum(pair in corpus for pair in pairs) / max(len(pairs), 1)
 
         random_lm = keras_gemma2.Gemma2CausalLM(
             keras_gemma2.Gemma2Backbone.from_preset(
@@ -97,8 +99,8 @@ class TinyPresetTest(TestCase):
             self.lm.preprocessor,
         )
         trained, untrained = in_corpus(self.lm), in_corpus(random_lm)
-        self.assertGreater(trained, 0.8)
-        self.assertGreater(trained, untrained + 0.3)
+        self.assertGreater(trained, 0.7)
+        self.assertLess(untrained, 0.3)
 
     def test_batch_of_prompt_lengths_equals_one_by_one(self):
         prompts = ["The", "A list object is a mutable sequence of"]

@@ -94,12 +94,19 @@ class RegisteredPresetsMixin:
     def from_preset(cls, preset, **kwargs):
         """Loads a registered preset name or a preset folder.
 
+        `preset` may be a registered name (`cls.presets`), a folder saved by
+        this package, a KerasHub Gemma 2 preset (folder or `kaggle://`
+        handle) or a Hugging Face Gemma 2 checkpoint (folder with
+        `config.json`, safetensors and `tokenizer.model`, or an `hf://`
+        handle). Other formats are converted tensor by tensor into the new
+        model; every key and shape is checked first, so a bad checkpoint
+        raises before anything loads. Pickled weights are refused.
         Registered Gemma 2 checkpoints load in bfloat16 unless `dtype=` says
         otherwise; a folder loads in the dtype it was saved in. An unknown
         name raises a ValueError that lists the close matches.
 
         Args:
-            preset: string. A name in `cls.presets` or a preset folder.
+            preset: string. A name in `cls.presets`, a folder or a handle.
             **kwargs: forwarded to KerasHub's `from_preset`, e.g. `dtype`,
                 `load_weights`.
 
@@ -112,7 +119,12 @@ class RegisteredPresetsMixin:
         tokenizer = keras_gemma2.Gemma2Tokenizer.from_preset("gemma2_tiny_en")
         ```
         """
+        from keras_gemma2.convert import loader
+
         preset, kwargs = resolve(preset, kwargs)
+        converted = loader.load_foreign(cls, preset, kwargs)
+        if converted is not None:
+            return converted
         if not cls._preset_takes_dtype:
             kwargs.pop("dtype", None)
         return super().from_preset(preset, **kwargs)

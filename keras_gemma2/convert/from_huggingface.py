@@ -1,0 +1,142 @@
+"""Hugging Face Gemma 2 checkpoints (safetensors) -> Gemma2Backbone."""
+
+import json
+import os
+import struct
+
+import numpy as np
+
+from keras_gemma2.convert import names
+
+# safetensors dtype codes -> numpy dtypes (bfloat16 through ml_dtypes).
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+}
+PICKLED_WEIGHTS = ("pytorch_model.bin", ".bin", ".pt", ".pth", ".ckpt")
+
+
+class SafetensorsCheckpoint:
+    """The tensors of one or many `.safetensors` files, read lazily.
+
+    Only the headers are read up front, so every key and shape can be checked
+    before a single weight is loaded; each tensor is then memory-mapped on
+    demand, so loading holds one tensor at a time beyond the model itself.
+    """
+
+    def __init__(self, files):
+        self.files = files
+        self.tensors = {}  # key -> (local path, header entry, data start)
+        for filename in self._shard_names():
+            path = files.path(filename)
+            header, start = _read_header(path)
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    self.tensors[key] = (path, entry, start)
+
+    def _shard_names(self):
+        files = self.files
+        if files.exists("model.safetensors.index.json"):
+            index = files.json("model.safetensors.index.json")
+            shards = sorted(set(index["weight_map"].values()))
+            for shard in shards:
+                if not files.exists(shard):
+                    raise FileNotFoundError(
+                        f"Shard {shard} listed in "
+                        f"{files.preset}/model.safetensors.index.json is "
+                        "missing. Download the whole checkpoint folder again."
+                    )
+            return shards
+        if files.exists("model.safetensors"):
+            return ["model.safetensors"]
+        pickled = [f for f in files.listdir() if f.endswith(PICKLED_WEIGHTS)]
+        if pickled:
+            raise ValueError(
+                f"{files.preset} holds only pickled weights ({pickled[0]}). "
+                "keras_gemma2 never unpickles a checkpoint (it can run code); "
+                "convert it to safetensors first, e.g. "
+                "`model.save_pretrained(path, safe_serialization=True)`."
+            )
+        raise FileNotFoundError(
+            f"{files.preset} has no model.safetensors or "
+            "model.safetensors.index.json."
+        )
+
+    def shape(self, key):
+        return tuple(self.tensors[key][1]["shape"])
+
+    def file_of(self, key):
+        return os.path.basename(self.tensors[key][0])
+
+    def read(self, key):
+        path, entry, start = self.tensors[key]
+        begin, end = entry["data_offsets"]
+        dtype = np.dtype(_numpy_dtype(entry["dtype"], key, path))
+        return np.memmap(
+            path,
+            dtype=dtype,
+            mode="r",
+            offset=start + begin,
+            shape=tuple(entry["shape"]),
+        )
+
+
+def _numpy_dtype(code, key, path):
+    if code not in _DTYPES:
+        raise ValueError(f"{path}: tensor {key} has unsupported dtype {code}.")
+    if code == "BF16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return _DTYPES[code]
+
+
+def _read_header(path):
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > 100 * 1024 * 1024:
+            raise ValueError(f"{path} is not a safetensors file.")
+        header = json.loads(f.read(length))
+    return header, 8 + length
+
+
+def checkpoint_dtype(config):
+    """The dtype a checkpoint was saved in, as a Keras dtype name."""
+    saved = config.get("torch_dtype") or config.get("dtype") or "float32"
+    return "bfloat16" if "bfloat16" in str(saved) else "float32"
+
+
+def plan(files, config=None):
+    """Backbone kwargs and the checked `(spec, checkpoint)` load plan.
+
+    Raises before anything is loaded if a key is missing or a shape differs
+    from what `config.json` implies.
+    """
+    config = config or files.json("config.json")
+    kwargs = names.kwargs_from_hf_config(config)
+    checkpoint = SafetensorsCheckpoint(files)
+    specs = names.weight_specs(kwargs)
+    for spec in specs:
+        if spec.hf_key not in checkpoint.tensors:
+            raise ValueError(
+                f"{files.preset}: tensor {spec.hf_key} is missing from the "
+                "checkpoint; config.json and the weights disagree."
+            )
+        found = checkpoint.shape(spec.hf_key)
+        if found != spec.hf_shape:
+            raise ValueError(
+                f"{files.preset}/{checkpoint.file_of(spec.hf_key)}: tensor "
+                f"{spec.hf_key} has shape {found}, but config.json implies "
+                f"{spec.hf_shape}. The config does not belong to these "
+                "weights."
+            )
+    return kwargs, specs, checkpoint
+
+
+def read_weight(spec, checkpoint, dims):
+    """One weight in our layout, as numpy."""
+    return spec.from_hf(checkpoint.read(spec.hf_key), dims)

@@ -1,0 +1,155 @@
+"""`from_preset` for presets in other formats: KerasHub and Hugging Face."""
+
+import keras
+import numpy as np
+
+from keras_gemma2.convert import from_huggingface
+from keras_gemma2.convert import from_keras_hub
+from keras_gemma2.convert import names
+from keras_gemma2.convert.files import PresetFiles
+
+OURS, HUGGING_FACE, KERAS_HUB = "keras_gemma2", "huggingface", "keras_hub"
+
+
+def detect_format(files):
+    """`(format, config)` of a preset, from its `config.json`."""
+    if not files.exists("config.json"):
+        pickled = [
+            f
+            for f in files.listdir()
+            if f.endswith(from_huggingface.PICKLED_WEIGHTS)
+        ]
+        hint = (
+            f" It holds pickled weights ({pickled[0]}), which keras_gemma2 "
+            "refuses to load: they can run code. Convert them to "
+            "safetensors."
+            if pickled
+            else ""
+        )
+        raise ValueError(
+            f"{files.preset} has no config.json, so it is neither a Keras "
+            f"preset nor a Hugging Face checkpoint.{hint}"
+        )
+    config = files.json("config.json")
+    registered = config.get("registered_name")
+    if registered == from_keras_hub.KERAS_HUB_BACKBONE:
+        return KERAS_HUB, config
+    if registered:
+        if registered.startswith("keras_gemma2>"):
+            return OURS, config
+        raise ValueError(
+            f"{files.preset}/config.json describes a {registered}, not a "
+            "Gemma 2 model."
+        )
+    if "model_type" in config:
+        return HUGGING_FACE, config
+    raise ValueError(
+        f"{files.preset}/config.json is neither a Keras preset config "
+        "(`registered_name`) nor a Hugging Face config (`model_type`)."
+    )
+
+
+def load_foreign(cls, preset, kwargs):
+    """Loads `cls` from a KerasHub or HF preset; `None` for our own format."""
+    files = PresetFiles(preset)
+    fmt, config = detect_format(files)
+    if fmt == OURS:
+        return None
+    from keras_hub.models import Backbone
+    from keras_hub.models import CausalLM
+    from keras_hub.models import Preprocessor
+    from keras_hub.tokenizers import Tokenizer
+
+    kwargs = dict(kwargs)
+    dtype = kwargs.pop("dtype", None)
+    load_weights = kwargs.pop("load_weights", True)
+    if issubclass(cls, Backbone):
+        return load_backbone(files, fmt, config, dtype, load_weights)
+    if issubclass(cls, Tokenizer):
+        return load_tokenizer(files, fmt)
+    if issubclass(cls, Preprocessor):
+        return load_preprocessor(files, fmt, **kwargs)
+    if issubclass(cls, CausalLM):
+        backbone = load_backbone(files, fmt, config, dtype, load_weights)
+        if "preprocessor" in kwargs:
+            preprocessor = kwargs.pop("preprocessor")
+        else:
+            preprocessor = load_preprocessor(files, fmt)
+        return cls(backbone=backbone, preprocessor=preprocessor, **kwargs)
+    raise TypeError(f"{cls.__name__} cannot be loaded from a {fmt} preset.")
+
+
+def load_backbone(files, fmt, config, dtype=None, load_weights=True):
+    """A `Gemma2Backbone` with the preset's weights, checked before loading.
+
+    Tensors go one at a time from the files into the model's variables, so
+    peak memory stays near the size of the finished model.
+    """
+    from keras_gemma2.backbone import Gemma2Backbone
+
+    if fmt == HUGGING_FACE:
+        kwargs, specs, source = from_huggingface.plan(files, config)
+        read = from_huggingface.read_weight
+        dtype = dtype or from_huggingface.checkpoint_dtype(config)
+    else:
+        kwargs, specs, source = from_keras_hub.plan(files, config)
+        read = from_keras_hub.read_weight
+        dtype = dtype or _keras_dtype_name(config["config"].get("dtype"))
+    try:
+        backbone = Gemma2Backbone(**kwargs, dtype=dtype)
+        variables = {v.path: v for v in backbone.weights}
+        missing = set(variables) - {spec.path for spec in specs}
+        assert not missing, f"no source for {sorted(missing)}"
+        if load_weights:
+            dims = names.dims_of(kwargs)
+            for spec in specs:
+                assign(variables[spec.path], read(spec, source, dims))
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+    return backbone
+
+
+def assign(variable, array):
+    """Copies a numpy array into a variable, in the variable's dtype."""
+    # Through float32: Keras' torch backend cannot take ml_dtypes' bfloat16
+    # numpy arrays; this costs one float32 copy of one tensor at a time.
+    array = keras.ops.convert_to_tensor(np.asarray(array, dtype="float32"))
+    variable.assign(keras.ops.cast(array, variable.dtype))
+
+
+def load_tokenizer(files, fmt):
+    from keras_gemma2.tokenizer import Gemma2Tokenizer
+
+    name = (
+        "tokenizer.model"
+        if fmt == HUGGING_FACE
+        else "assets/tokenizer/vocabulary.spm"
+    )
+    if not files.exists(name):
+        raise FileNotFoundError(
+            f"{files.preset} has no {name}, so its tokenizer cannot be "
+            "loaded. Pass `preprocessor=None` to load the model alone."
+        )
+    return Gemma2Tokenizer(proto=files.path(name))
+
+
+def load_preprocessor(files, fmt, sequence_length=None):
+    from keras_gemma2.causal_lm_preprocessor import Gemma2CausalLMPreprocessor
+
+    if sequence_length is None and fmt == KERAS_HUB:
+        if files.exists("preprocessor.json"):
+            config = files.json("preprocessor.json").get("config", {})
+            sequence_length = config.get("sequence_length")
+    return Gemma2CausalLMPreprocessor(
+        load_tokenizer(files, fmt), sequence_length=sequence_length or 1024
+    )
+
+
+def _keras_dtype_name(dtype):
+    """The variable dtype of a serialized Keras dtype policy, or None."""
+    if isinstance(dtype, dict):
+        dtype = dtype.get("config", {}).get("name")
+    if dtype is None:
+        return None
+    return keras.DTypePolicy(dtype).variable_dtype

@@ -1,0 +1,225 @@
+"""Loading Hugging Face and KerasHub Gemma 2 checkpoints through from_preset."""
+
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+
+import keras_gemma2
+from keras_gemma2 import presets  # noqa: F401
+from keras_gemma2.convert import names
+from tests import references
+from tests.harness import TestCase
+
+IDS = np.array([[2, 5, 9, 11, 40, 3, 7, 8, 9, 10, 12, 50, 61]], "int32")
+
+
+def _logits(model, token_ids=IDS):
+    inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
+    return keras.ops.convert_to_numpy(model(inputs))
+
+
+class HuggingFaceCheckpointTest(TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.hf = references.hf_model(seed=4)
+
+    def _save(self, **kwargs):
+        path = os.path.join(self.get_temp_dir(), "hf")
+        self.hf.save_pretrained(path, **kwargs)
+        return path
+
+    def test_single_file_matches_transformers(self):
+        lm = keras_gemma2.Gemma2CausalLM.from_preset(
+            self._save(), preprocessor=None
+        )
+        expected = references.hf_logits(self.hf, IDS)
+        self.assertLess(np.abs(_logits(lm) - expected).max(), 1e-4)
+        self.assertEqual(lm.backbone.query_pre_attn_scalar, 5)
+        # Same greedy continuation, past the window of 4.
+        prompt = {"token_ids": np.pad(IDS[:, :5], [(0, 0), (0, 8)])}
+        prompt["padding_mask"] = (np.arange(13) < 5)[None].astype("int32")
+        ours = lm.generate(prompt, stop_token_ids=None)["token_ids"]
+        theirs = references.hf_greedy(self.hf, IDS[:, :5], 8)
+        np.testing.assert_array_equal(ours, theirs)
+
+    def test_sharded_checkpoint_matches_transformers(self):
+        path = self._save(max_shard_size="20KB")
+        shards = [f for f in os.listdir(path) if f.startswith("model-0")]
+        self.assertGreater(len(shards), 1)
+        backbone = keras_gemma2.Gemma2Backbone.from_preset(path)
+        lm = keras_gemma2.Gemma2CausalLM(backbone)
+        expected = references.hf_logits(self.hf, IDS)
+        self.assertLess(np.abs(_logits(lm) - expected).max(), 1e-4)
+
+    def test_bfloat16_checkpoint_loads_in_bfloat16(self):
+        import torch
+
+        path = os.path.join(self.get_temp_dir(), "bf16")
+        references.hf_model(seed=4).to(torch.bfloat16).save_pretrained(path)
+        backbone = keras_gemma2.Gemma2Backbone.from_preset(path)
+        self.assertEqual(backbone.dtype_policy.variable_dtype, "bfloat16")
+        full = keras_gemma2.Gemma2Backbone.from_preset(path, dtype="float32")
+        self.assertEqual(full.dtype_policy.variable_dtype, "float32")
+        # bfloat16 values survive exactly into float32.
+        embedding = self.hf.model.embed_tokens.weight.detach()
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(full.token_embedding.embeddings),
+            embedding.to(torch.bfloat16).float().numpy(),
+        )
+
+
+class CheckpointErrorsTest(TestCase):
+    def _hf_folder(self):
+        path = os.path.join(self.get_temp_dir(), "hf")
+        references.hf_model().save_pretrained(path, max_shard_size="20KB")
+        return path
+
+    def test_folder_of_neither_format(self):
+        path = self.get_temp_dir()
+        with open(os.path.join(path, "notes.txt"), "w") as f:
+            f.write("hi")
+        with pytest.raises(ValueError, match="has no config.json"):
+            keras_gemma2.Gemma2Backbone.from_preset(path)
+
+    def test_pickled_weights_are_refused(self):
+        path = self.get_temp_dir()
+        config = references.hf_config().to_dict()
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({**config, "model_type": "gemma2"}, f)
+        with open(os.path.join(path, "pytorch_model.bin"), "wb") as f:
+            f.write(b"not unpickled")
+        with pytest.raises(ValueError, match="never unpickles"):
+            keras_gemma2.Gemma2Backbone.from_preset(path)
+
+    def test_missing_shard(self):
+        path = self._hf_folder()
+        os.remove(os.path.join(path, "model-00002-of-00004.safetensors"))
+        with pytest.raises(FileNotFoundError, match="model-00002-of-00004"):
+            keras_gemma2.Gemma2Backbone.from_preset(path)
+
+    def test_shape_mismatch_names_the_tensor(self):
+        path = self._hf_folder()
+        config_path = os.path.join(path, "config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        config["intermediate_size"] = 48
+        with open(config_path, "w") as f:
+            json.dump(config, f)
+        with pytest.raises(ValueError, match=r"mlp\.gate_proj\.weight.*48"):
+            keras_gemma2.Gemma2Backbone.from_preset(path)
+
+    def test_network_handle_while_offline(self):
+        # conftest sets HF_HUB_OFFLINE=1: no test reaches a hub.
+        with pytest.raises(ConnectionError, match="pass its local folder"):
+            keras_gemma2.Gemma2Backbone.from_preset("hf://google/gemma-2-9b-it")
+
+
+def _keras_hub_backbone(query_head_dim_normalize=True, seed=0):
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    k = references.TINY_KWARGS
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=k["vocabulary_size"],
+        num_layers=k["num_layers"],
+        num_query_heads=k["num_query_heads"],
+        num_key_value_heads=k["num_key_value_heads"],
+        hidden_dim=k["hidden_dim"],
+        intermediate_dim=2 * k["intermediate_dim"],  # theirs is 2x per gate
+        head_dim=k["head_dim"],
+        query_head_dim_normalize=query_head_dim_normalize,
+        use_post_ffw_norm=True,
+        use_post_attention_norm=True,
+        final_logit_soft_cap=k["final_logit_soft_cap"],
+        attention_logit_soft_cap=k["attention_logit_soft_cap"],
+        use_sliding_window_attention=True,
+        sliding_window_size=k["sliding_window_size"],
+        dtype="float32",
+    )
+    for w in backbone.weights:  # non-trivial norms and larger weights
+        values = np.random.default_rng(len(w.path)).normal(0, 0.3, w.shape)
+        w.assign(values.astype("float32"))
+    return backbone
+
+
+class KerasHubPresetTest(TestCase):
+    def test_matches_keras_hub_outputs(self):
+        import keras_hub
+
+        theirs = _keras_hub_backbone()
+        path = os.path.join(self.get_temp_dir(), "kh")
+        theirs.save_to_preset(path)
+        ours = keras_gemma2.Gemma2Backbone.from_preset(path)
+        self.assertEqual(ours.query_pre_attn_scalar, ours.head_dim)
+        self.assertEqual(ours.intermediate_dim, theirs.intermediate_dim // 2)
+        # Short enough that KerasHub's window and ours agree on every mask.
+        ids = IDS[:, :4]
+        expected = keras.ops.convert_to_numpy(
+            keras_hub.models.GemmaCausalLM(theirs)(
+                {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+            )
+        )
+        lm = keras_gemma2.Gemma2CausalLM(ours)
+        self.assertLess(np.abs(_logits(lm, ids) - expected).max(), 1e-4)
+
+    def test_27b_style_query_scale_is_the_reference_one(self):
+        # query_head_dim_normalize=False: KerasHub means hidden/heads (6 here)
+        # but its decoder block uses head_dim; we load the reference model.
+        theirs = _keras_hub_backbone(query_head_dim_normalize=False)
+        path = os.path.join(self.get_temp_dir(), "kh27")
+        theirs.save_to_preset(path)
+        ours = keras_gemma2.Gemma2Backbone.from_preset(path)
+        self.assertEqual(ours.query_pre_attn_scalar, 6)
+        hf = references.hf_model(query_pre_attn_scalar=6)
+        _copy_into_hf(ours, hf)  # the same weights in the reference model
+        ids = IDS[:, :4]
+        expected = references.hf_logits(hf, ids)
+        lm = keras_gemma2.Gemma2CausalLM(ours)
+        self.assertLess(np.abs(_logits(lm, ids) - expected).max(), 1e-4)
+        # KerasHub 0.32 itself is off: it scales by 1/sqrt(head_dim).
+        import keras_hub
+
+        keras_hub_logits = keras.ops.convert_to_numpy(
+            keras_hub.models.GemmaCausalLM(theirs)(
+                {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+            )
+        )
+        self.assertGreater(np.abs(keras_hub_logits - expected).max(), 1e-3)
+
+
+def _by_path(model):
+    return {w.path: w for w in model.weights}
+
+
+def _copy_into_hf(backbone, hf):
+    """Our weights into an HF model, through the names table."""
+    import torch
+
+    kwargs = backbone.get_config()
+    dims = names.dims_of(kwargs)
+    variables = _by_path(backbone)
+    state = {}
+    for spec in names.weight_specs(kwargs):
+        value = keras.ops.convert_to_numpy(variables[spec.path])
+        state[spec.hf_key] = torch.from_numpy(spec.to_hf(value, dims))
+    hf.load_state_dict(state, strict=False)
+
+
+class TokenizerFromCheckpointTest(TestCase):
+    def test_tokenizer_model_of_a_hf_folder(self):
+        path = os.path.join(self.get_temp_dir(), "hf")
+        references.hf_model().save_pretrained(path)
+        tiny = keras_gemma2.presets.PRESETS_DIR / "gemma2_tiny_en"
+        shutil.copy(
+            tiny / "assets" / "tokenizer" / "vocabulary.spm",
+            os.path.join(path, "tokenizer.model"),
+        )
+        tokenizer = keras_gemma2.Gemma2Tokenizer.from_preset(path)
+        reference = keras_gemma2.Gemma2Tokenizer.from_preset("gemma2_tiny_en")
+        text = "<start_of_turn>user\nCafé 42<end_of_turn>"
+        np.testing.assert_array_equal(tokenizer(text), reference(text))

@@ -41,6 +41,25 @@ def build_parser():
     generate.add_argument(
         "--seed", type=int, default=None, help="Seed for the sampler."
     )
+    convert = commands.add_parser(
+        "convert",
+        help="Convert a Gemma 2 checkpoint (keras_gemma2, KerasHub or "
+        "Hugging Face) to a keras_gemma2 preset or a transformers folder.",
+    )
+    convert.add_argument("source", help="A preset name, folder or handle.")
+    convert.add_argument("destination", help="The folder to write.")
+    convert.add_argument(
+        "--to",
+        choices=("keras", "transformers"),
+        default="keras",
+        help="Output format (default: keras, a keras_gemma2 preset).",
+    )
+    convert.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        help="Weights dtype (default: the source's).",
+    )
+    convert.add_argument("--backend", choices=BACKENDS, help="Keras backend.")
     return parser
 
 
@@ -70,6 +89,38 @@ def _generate(args):
     print(lm.generate(args.prompt, max_length=args.max_length))
 
 
+def _convert(args):
+    import keras
+
+    import keras_gemma2
+    from keras_gemma2.convert import loader
+
+    if os.path.exists(args.destination) and os.listdir(args.destination):
+        raise ValueError(
+            f"{args.destination} exists and is not empty; choose a new folder "
+            "so that nothing already there is overwritten."
+        )
+    bar = {}
+
+    def progress(done, total):
+        if "bar" not in bar:
+            bar["bar"] = keras.utils.Progbar(total, unit_name="tensor")
+        bar["bar"].update(done)
+
+    cls = keras_gemma2.Gemma2CausalLM
+    preset, kwargs = keras_gemma2.presets.resolve(
+        args.source, {"dtype": args.dtype} if args.dtype else {}
+    )
+    lm = loader.load_foreign(cls, preset, kwargs, progress=progress)
+    if lm is None:
+        lm = cls.from_preset(preset, **kwargs)
+    if args.to == "transformers":
+        lm.export_to_transformers(args.destination)
+    else:
+        lm.save_to_preset(args.destination)
+    print(f"wrote {args.destination}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "generate" and args.max_length < 2:
@@ -77,8 +128,17 @@ def main(argv=None):
     _select_backend(getattr(args, "backend", None))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        _generate(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+        if args.command == "convert":
+            _convert(args)
+        else:
+            _generate(args)
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        ConnectionError,
+        PermissionError,
+    ) as error:
         raise SystemExit(f"keras-gemma2: {error}")
 
 

@@ -3,6 +3,8 @@
 import difflib
 import os
 import pathlib
+import shutil
+import tempfile
 
 _KAGGLE = "kaggle://keras/gemma2/keras"
 
@@ -69,6 +71,10 @@ PRESETS = {
 }
 
 
+# Folders being saved by an outer `save_to_preset` call.
+_SAVING = []
+
+
 class classproperty(property):
     """A read-only property of the class (KerasHub's `presets` is one)."""
 
@@ -77,7 +83,7 @@ class classproperty(property):
 
 
 class RegisteredPresetsMixin:
-    """Our registry in `presets` and name resolution in `from_preset`.
+    """Our registry in `presets`, any format in `from_preset`, atomic saves.
 
     Put it before the KerasHub base class: `class X(RegisteredPresetsMixin,
     Backbone)`. Classes without weights set `_preset_takes_dtype = False`.
@@ -128,6 +134,60 @@ class RegisteredPresetsMixin:
         if not cls._preset_takes_dtype:
             kwargs.pop("dtype", None)
         return super().from_preset(preset, **kwargs)
+
+    def save_to_preset(self, preset_dir, **kwargs):
+        """Saves a preset folder atomically.
+
+        The preset is written to a temporary sibling folder and renamed into
+        place, so an interrupted save never leaves a half-written preset and
+        an existing preset at `preset_dir` is replaced whole. A non-empty
+        folder that is not a preset is refused rather than overwritten.
+
+        Example:
+        ```python
+        import tempfile
+        lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+        lm.save_to_preset(tempfile.mkdtemp() + "/my_preset")
+        ```
+        """
+        if _SAVING:
+            # A task saves its backbone and preprocessor into its own
+            # staging folder: only the outermost save stages and renames.
+            return super().save_to_preset(preset_dir, **kwargs)
+        preset_dir = os.path.abspath(preset_dir)
+        if (
+            os.path.isdir(preset_dir)
+            and os.listdir(preset_dir)
+            and not os.path.exists(os.path.join(preset_dir, "config.json"))
+        ):
+            raise ValueError(
+                f"{preset_dir} is a non-empty folder that is not a preset; "
+                "choose a new folder so that nothing in it is lost."
+            )
+        parent = os.path.dirname(preset_dir)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".saving-", dir=parent)
+        _SAVING.append(preset_dir)
+        try:
+            super().save_to_preset(staging, **kwargs)
+            _replace_folder(staging, preset_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            _SAVING.pop()
+
+
+def _replace_folder(source, target):
+    """Moves `source` to `target`, replacing any folder there whole."""
+    if not os.path.exists(target):
+        os.rename(source, target)
+        return
+    backup = tempfile.mkdtemp(prefix=".replaced-", dir=os.path.dirname(target))
+    os.rmdir(backup)
+    os.rename(target, backup)
+    os.rename(source, target)
+    shutil.rmtree(backup)
 
 
 def registered_presets():

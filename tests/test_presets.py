@@ -153,3 +153,24 @@ class TinyPresetTest(TestCase):
         np.testing.assert_array_equal(
             self.lm.score(prompt), restored.score(prompt)
         )
+
+
+class AtomicSaveTest(TestCase):
+    def test_replaces_an_existing_preset_whole(self):
+        lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+        path = pathlib.Path(self.get_temp_dir()) / "preset"
+        lm.save_to_preset(str(path))
+        (path / "stale.txt").write_text("from an older save")
+        lm.save_to_preset(str(path))
+        self.assertFalse((path / "stale.txt").exists())
+        self.assertTrue((path / "model.weights.h5").exists())
+        leftovers = [p.name for p in path.parent.iterdir() if p.name != "preset"]
+        self.assertEqual(leftovers, [])
+
+    def test_refuses_a_folder_that_is_not_a_preset(self):
+        lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+        path = pathlib.Path(self.get_temp_dir())
+        (path / "thesis.tex").write_text("years of work")
+        with pytest.raises(ValueError, match="not a preset"):
+            lm.save_to_preset(str(path))
+        self.assertEqual((path / "thesis.tex").read_text(), "years of work")

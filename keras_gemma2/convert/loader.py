@@ -49,8 +49,12 @@ def detect_format(files):
     )
 
 
-def load_foreign(cls, preset, kwargs):
-    """Loads `cls` from a KerasHub or HF preset; `None` for our own format."""
+def load_foreign(cls, preset, kwargs, progress=None):
+    """Loads `cls` from a KerasHub or HF preset; `None` for our own format.
+
+    `progress`, if given, is called as `progress(done, total)` after each
+    tensor (the CLI draws a progress bar with it).
+    """
     files = PresetFiles(preset)
     fmt, config = detect_format(files)
     if fmt == OURS:
@@ -64,13 +68,15 @@ def load_foreign(cls, preset, kwargs):
     dtype = kwargs.pop("dtype", None)
     load_weights = kwargs.pop("load_weights", True)
     if issubclass(cls, Backbone):
-        return load_backbone(files, fmt, config, dtype, load_weights)
+        return load_backbone(files, fmt, config, dtype, load_weights, progress)
     if issubclass(cls, Tokenizer):
         return load_tokenizer(files, fmt)
     if issubclass(cls, Preprocessor):
         return load_preprocessor(files, fmt, **kwargs)
     if issubclass(cls, CausalLM):
-        backbone = load_backbone(files, fmt, config, dtype, load_weights)
+        backbone = load_backbone(
+            files, fmt, config, dtype, load_weights, progress
+        )
         if "preprocessor" in kwargs:
             preprocessor = kwargs.pop("preprocessor")
         else:
@@ -79,7 +85,9 @@ def load_foreign(cls, preset, kwargs):
     raise TypeError(f"{cls.__name__} cannot be loaded from a {fmt} preset.")
 
 
-def load_backbone(files, fmt, config, dtype=None, load_weights=True):
+def load_backbone(
+    files, fmt, config, dtype=None, load_weights=True, progress=None
+):
     """A `Gemma2Backbone` with the preset's weights, checked before loading.
 
     Tensors go one at a time from the files into the model's variables, so
@@ -102,8 +110,10 @@ def load_backbone(files, fmt, config, dtype=None, load_weights=True):
         assert not missing, f"no source for {sorted(missing)}"
         if load_weights:
             dims = names.dims_of(kwargs)
-            for spec in specs:
+            for done, spec in enumerate(specs, start=1):
                 assign(variables[spec.path], read(spec, source, dims))
+                if progress is not None:
+                    progress(done, len(specs))
     finally:
         if hasattr(source, "close"):
             source.close()

@@ -71,19 +71,10 @@ def abstract_parameter_count(kwargs):
     """
     import math
 
-    import keras
-    from keras.src.backend.common import global_state
-
+    from keras_gemma2 import deferred
     from keras_gemma2.backbone import Gemma2Backbone
 
-    with keras.StatelessScope(initialize_variables=False):
+    # The variables stay deferred and are dropped: nothing is allocated.
+    with deferred.deferred_variables():
         backbone = Gemma2Backbone(**kwargs)
-        count = sum(math.prod(w.shape) for w in backbone.weights)
-    # Keras keeps deferred variables in a global list that the next stateless
-    # scope to close would initialise; drop ours so nothing materialises.
-    ours = {id(w) for w in backbone.weights}
-    pending = global_state.get_global_attribute("uninitialized_variables") or []
-    global_state.set_global_attribute(
-        "uninitialized_variables", [v for v in pending if id(v) not in ours]
-    )
-    return count
+    return sum(math.prod(w.shape) for w in backbone.weights)

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+from keras_gemma2 import deferred
 from keras_gemma2.convert import from_huggingface
 from keras_gemma2.convert import from_keras_hub
 from keras_gemma2.convert import names
@@ -104,28 +105,29 @@ def load_backbone(
         read = from_keras_hub.read_weight
         dtype = dtype or _keras_dtype_name(config["config"].get("dtype"))
     try:
-        backbone = Gemma2Backbone(**kwargs, dtype=dtype)
-        variables = {v.path: v for v in backbone.weights}
-        missing = set(variables) - {spec.path for spec in specs}
+        # Built with deferred variables, each filled straight from the file:
+        # no random initialisation is allocated beside the loaded weights.
+        with deferred.deferred_variables() as created:
+            backbone = Gemma2Backbone(**kwargs, dtype=dtype)
+        by_path = {spec.path: spec for spec in specs}
+        missing = {v.path for v in backbone.weights} - set(by_path)
         assert not missing, f"no source for {sorted(missing)}"
-        if load_weights:
-            dims = names.dims_of(kwargs)
-            for done, spec in enumerate(specs, start=1):
-                assign(variables[spec.path], read(spec, source, dims))
-                if progress is not None:
-                    progress(done, len(specs))
+        dims = names.dims_of(kwargs)
+        for done, variable in enumerate(created, start=1):
+            spec = by_path.get(variable.path) if load_weights else None
+            value = None
+            if spec is not None:
+                # float32 numpy: every backend casts it into the variable's
+                # dtype (torch cannot take ml_dtypes' bfloat16 arrays); a
+                # float32 tensor is memory-mapped, not copied.
+                value = np.asarray(read(spec, source, dims), dtype="float32")
+            deferred.initialize(variable, value)
+            if progress is not None:
+                progress(done, len(created))
     finally:
         if hasattr(source, "close"):
             source.close()
     return backbone
-
-
-def assign(variable, array):
-    """Copies a numpy array into a variable, in the variable's dtype."""
-    # Through float32: Keras' torch backend cannot take ml_dtypes' bfloat16
-    # numpy arrays; this costs one float32 copy of one tensor at a time.
-    array = keras.ops.convert_to_tensor(np.asarray(array, dtype="float32"))
-    variable.assign(keras.ops.cast(array, variable.dtype))
 
 
 def load_tokenizer(files, fmt):

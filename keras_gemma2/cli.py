@@ -111,6 +111,9 @@ def _convert(args):
     preset, kwargs = keras_gemma2.presets.resolve(
         args.source, {"dtype": args.dtype} if args.dtype else {}
     )
+    if not loader.has_tokenizer(preset):
+        print(f"{args.source} has no tokenizer: converting the model alone.")
+        kwargs["preprocessor"] = None
     lm = loader.load_foreign(cls, preset, kwargs, progress=progress)
     if lm is None:
         lm = cls.from_preset(preset, **kwargs)

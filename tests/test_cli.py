@@ -39,3 +39,32 @@ def test_bad_max_length_is_a_clear_error():
     result = _run("generate", "Hi", "--max-length", "1")
     assert result.returncode != 0
     assert "--max-length must be at least 2" in result.stderr
+
+
+def test_convert_a_hugging_face_checkpoint(tmp_path):
+    import numpy as np
+
+    import keras_gemma2
+    from tests import references
+
+    hf = references.hf_model(seed=2)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    backend = keras.config.backend()
+    out = tmp_path / "keras"
+    result = _run(
+        "convert", str(tmp_path / "hf"), str(out), "--backend", backend
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tensor" in result.stdout  # the progress bar
+    lm = keras_gemma2.Gemma2CausalLM(
+        keras_gemma2.Gemma2Backbone.from_preset(str(out))
+    )
+    ids = np.array([[2, 7, 9, 13, 21, 34, 55]], "int32")
+    logits = keras.ops.convert_to_numpy(
+        lm({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+    )
+    assert np.abs(logits - references.hf_logits(hf, ids)).max() < 1e-4
+    # A second conversion into the same folder is refused, not merged.
+    again = _run("convert", str(tmp_path / "hf"), str(out))
+    assert again.returncode != 0
+    assert "not empty" in again.stderr

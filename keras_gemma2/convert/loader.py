@@ -130,14 +130,24 @@ def load_backbone(
     return backbone
 
 
+_TOKENIZER_FILES = {
+    OURS: "tokenizer.json",
+    HUGGING_FACE: "tokenizer.model",
+    KERAS_HUB: "assets/tokenizer/vocabulary.spm",
+}
+
+
+def has_tokenizer(preset):
+    """Whether a preset of any format carries a tokenizer."""
+    files = PresetFiles(preset)
+    fmt, _ = detect_format(files)
+    return files.exists(_TOKENIZER_FILES[fmt])
+
+
 def load_tokenizer(files, fmt):
     from keras_gemma2.tokenizer import Gemma2Tokenizer
 
-    name = (
-        "tokenizer.model"
-        if fmt == HUGGING_FACE
-        else "assets/tokenizer/vocabulary.spm"
-    )
+    name = _TOKENIZER_FILES[fmt]
     if not files.exists(name):
         raise FileNotFoundError(
             f"{files.preset} has no {name}, so its tokenizer cannot be "

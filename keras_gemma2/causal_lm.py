@@ -331,6 +331,49 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         scores[:, 1:] = picked * padding_mask[:, 1:]
         return scores[0] if is_scalar else scores
 
+    # --- export -----------------------------------------------------------
+
+    def export_to_transformers(self, path, dtype=None, overwrite=False):
+        """Saves the model as a Hugging Face `transformers` Gemma 2 folder.
+
+        Writes `config.json`, `generation_config.json` and
+        `model.safetensors` (tied embeddings, no `lm_head`), plus the
+        SentencePiece `tokenizer.model`, `tokenizer_config.json` and
+        `special_tokens_map.json` when the model has a preprocessor. The
+        folder loads with `transformers.Gemma2ForCausalLM.from_pretrained`
+        and `transformers.AutoTokenizer.from_pretrained`. LoRA adapters
+        (`backbone.enable_lora`) are merged into their kernels. The write is
+        atomic: on any error, `path` is left as it was.
+
+        Args:
+            path: the folder to write. It must not exist or be empty unless
+                `overwrite=True`.
+            dtype: `"float32"` or `"bfloat16"`, the dtype of the written
+                weights. Defaults to the backbone's variable dtype.
+            overwrite: bool. Replace a non-empty folder at `path`. Defaults
+                to `False`.
+
+        Returns:
+            The absolute path of the written folder.
+
+        Example:
+        ```python
+        import os
+        import tempfile
+
+        lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+        path = os.path.join(tempfile.mkdtemp(), "gemma2_tiny_hf")
+        lm.export_to_transformers(path)
+        # transformers.Gemma2ForCausalLM.from_pretrained(path) loads it.
+        lm.export_to_transformers(path, dtype="bfloat16", overwrite=True)
+        ```
+        """
+        from keras_gemma2.convert import to_huggingface
+
+        return to_huggingface.export_to_transformers(
+            self, path, dtype=dtype, overwrite=overwrite
+        )
+
 
 def _is_dataset(inputs):
     try:

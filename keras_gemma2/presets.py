@@ -3,8 +3,8 @@
 import difflib
 import os
 import pathlib
-import shutil
-import tempfile
+
+from keras_gemma2 import atomic
 
 _KAGGLE = "kaggle://keras/gemma2/keras"
 
@@ -164,30 +164,12 @@ class RegisteredPresetsMixin:
                 f"{preset_dir} is a non-empty folder that is not a preset; "
                 "choose a new folder so that nothing in it is lost."
             )
-        parent = os.path.dirname(preset_dir)
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".saving-", dir=parent)
         _SAVING.append(preset_dir)
         try:
-            super().save_to_preset(staging, **kwargs)
-            _replace_folder(staging, preset_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            with atomic.staged_folder(preset_dir, "saving") as staging:
+                super().save_to_preset(staging, **kwargs)
         finally:
             _SAVING.pop()
-
-
-def _replace_folder(source, target):
-    """Moves `source` to `target`, replacing any folder there whole."""
-    if not os.path.exists(target):
-        os.rename(source, target)
-        return
-    backup = tempfile.mkdtemp(prefix=".replaced-", dir=os.path.dirname(target))
-    os.rmdir(backup)
-    os.rename(target, backup)
-    os.rename(source, target)
-    shutil.rmtree(backup)
 
 
 def registered_presets():

@@ -223,3 +223,21 @@ class TokenizerFromCheckpointTest(TestCase):
         reference = keras_gemma2.Gemma2Tokenizer.from_preset("gemma2_tiny_en")
         text = "<start_of_turn>user\nCafé 42<end_of_turn>"
         np.testing.assert_array_equal(tokenizer(text), reference(text))
+
+
+class RoundTripTest(TestCase):
+    def test_ours_to_transformers_to_ours_is_exact(self):
+        lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+        path = os.path.join(self.get_temp_dir(), "hf")
+        lm.export_to_transformers(path)
+        back = keras_gemma2.Gemma2CausalLM.from_preset(path)
+        original = _by_path(lm.backbone)
+        for w in back.backbone.weights:
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(w),
+                keras.ops.convert_to_numpy(original[w.path]),
+            )
+        self.assertEqual(
+            back.generate("The tokenizer", max_new_tokens=12),
+            lm.generate("The tokenizer", max_new_tokens=12),
+        )

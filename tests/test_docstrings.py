@@ -18,6 +18,7 @@ PUBLIC = [
     keras_gemma2.Gemma2CausalLM,
     keras_gemma2.Gemma2CausalLM.generate,
     keras_gemma2.Gemma2CausalLM.score,
+    keras_gemma2.Gemma2CausalLM.export_to_transformers,
     keras_gemma2.Gemma2CausalLMPreprocessor,
     keras_gemma2.Gemma2Tokenizer,
     keras_gemma2.Gemma2Attention,

@@ -164,7 +164,9 @@ class AtomicSaveTest(TestCase):
         lm.save_to_preset(str(path))
         self.assertFalse((path / "stale.txt").exists())
         self.assertTrue((path / "model.weights.h5").exists())
-        leftovers = [p.name for p in path.parent.iterdir() if p.name != "preset"]
+        leftovers = [
+            p.name for p in path.parent.iterdir() if p.name != "preset"
+        ]
         self.assertEqual(leftovers, [])
 
     def test_refuses_a_folder_that_is_not_a_preset(self):

@@ -64,6 +64,21 @@ def test_convert_a_hugging_face_checkpoint(tmp_path):
         lm({"token_ids": ids, "padding_mask": np.ones_like(ids)})
     )
     assert np.abs(logits - references.hf_logits(hf, ids)).max() < 1e-4
+    # And on to transformers, from our preset.
+    exported = tmp_path / "exported"
+    result = _run("convert", str(out), str(exported), "--to", "transformers")
+    assert result.returncode == 0, result.stderr[-2000:]
+    import transformers
+
+    reloaded = transformers.Gemma2ForCausalLM.from_pretrained(
+        exported, attn_implementation="eager"
+    )
+    assert (
+        np.abs(
+            references.hf_logits(reloaded, ids) - references.hf_logits(hf, ids)
+        ).max()
+        < 1e-5
+    )
     # A second conversion into the same folder is refused, not merged.
     again = _run("convert", str(tmp_path / "hf"), str(out))
     assert again.returncode != 0

@@ -27,6 +27,14 @@ TINY_KWARGS = {
 }
 
 
+def random_token_ids(batch=2, length=11, seed=0):
+    """`[batch, length]` ids of the tiny vocabulary, `<bos>` first."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, TINY_KWARGS["vocabulary_size"], (batch, length))
+    ids[:, 0] = 2  # <bos>
+    return ids.astype("int32")
+
+
 def hf_config(**kwargs):
     """A transformers `Gemma2Config` matching our backbone kwargs."""
     import transformers

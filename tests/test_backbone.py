@@ -11,15 +11,6 @@ from tests import references
 from tests.harness import TestCase
 
 
-def _ids(batch=2, length=11, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(
-        4, references.TINY_KWARGS["vocabulary_size"], (batch, length)
-    )
-    ids[:, 0] = 2  # <bos>
-    return ids.astype("int32")
-
-
 def _logits(backbone, token_ids, padding_mask=None):
     if padding_mask is None:
         padding_mask = np.ones_like(token_ids)
@@ -32,7 +23,7 @@ class ParityWithTransformersTest(TestCase):
         # Sequence 11 > window 4; query scalar 5 != head_dim 8; both caps on.
         hf = references.hf_model()
         ours = references.our_twin(hf)
-        token_ids = _ids()
+        token_ids = references.random_token_ids()
         expected = references.hf_logits(hf, token_ids)
         actual = _logits(ours, token_ids)
         self.assertLess(np.abs(actual - expected).max(), 1e-4)
@@ -45,7 +36,7 @@ class ParityWithTransformersTest(TestCase):
     def test_right_padded_batch_matches_transformers(self):
         hf = references.hf_model(seed=1)
         ours = references.our_twin(hf)
-        token_ids = _ids(length=9, seed=1)
+        token_ids = references.random_token_ids(length=9, seed=1)
         padding_mask = np.ones_like(token_ids)
         padding_mask[1, 5:] = 0
         expected = references.hf_logits(hf, token_ids, padding_mask)
@@ -93,7 +84,7 @@ class ConfigTest(TestCase):
             self.assertEqual(config[key], value)
         restored = keras_gemma2.Gemma2Backbone.from_config(config)
         restored.set_weights(backbone.get_weights())
-        token_ids = _ids()
+        token_ids = references.random_token_ids()
         np.testing.assert_array_equal(
             _logits(backbone, token_ids), _logits(restored, token_ids)
         )
@@ -103,7 +94,7 @@ class ConfigTest(TestCase):
             cls=keras_gemma2.Gemma2Backbone,
             init_kwargs=references.TINY_KWARGS,
             input_data={
-                "token_ids": _ids(),
+                "token_ids": references.random_token_ids(),
                 "padding_mask": np.ones((2, 11), "int32"),
             },
             expected_output_shape=(2, 11, 24),
@@ -126,7 +117,7 @@ class FlagsChangeOutputTest(TestCase):
         for w in base.weights + other.weights:
             if w.path.endswith("scale"):
                 w.assign(np.linspace(-0.5, 0.5, w.shape[0]))
-        token_ids = _ids(length=12)
+        token_ids = references.random_token_ids(length=12)
         return np.abs(
             _logits(base, token_ids) - _logits(other, token_ids)
         ).max()

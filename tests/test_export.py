@@ -19,15 +19,6 @@ from tests import references
 from tests.harness import TestCase
 
 
-def _ids(batch=2, length=11, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(
-        4, references.TINY_KWARGS["vocabulary_size"], (batch, length)
-    )
-    ids[:, 0] = 2  # <bos>
-    return ids.astype("int32")
-
-
 def _tmp(test):
     folder = tempfile.mkdtemp()
     test.addCleanup(shutil.rmtree, folder, ignore_errors=True)
@@ -69,7 +60,7 @@ class ParityWithTransformersTest(TestCase):
         hf, lm = _twin_lm()
         path = lm.export_to_transformers(os.path.join(_tmp(self), "out"))
         reloaded = _hf_from(path)
-        token_ids = _ids()
+        token_ids = references.random_token_ids()
         expected = references.hf_logits(hf, token_ids)
         actual = references.hf_logits(reloaded, token_ids)
         self.assertLess(np.abs(actual - expected).max(), 1e-5)
@@ -87,7 +78,7 @@ class ParityWithTransformersTest(TestCase):
         # A wrong query scale in our model is exported and shows in HF.
         hf, lm = _twin_lm(query_pre_attn_scalar=8)
         path = lm.export_to_transformers(os.path.join(_tmp(self), "out"))
-        token_ids = _ids()
+        token_ids = references.random_token_ids()
         self.assertGreater(
             np.abs(
                 references.hf_logits(_hf_from(path), token_ids)
@@ -205,7 +196,7 @@ class LoraTest(TestCase):
             b.assign(rng.normal(0.0, 0.3, b.shape).astype("float32"))
         after = lm.export_to_transformers(os.path.join(folder, "after"))
 
-        token_ids = _ids()
+        token_ids = references.random_token_ids()
         ours = _our_logits(lm, token_ids)
         exported = references.hf_logits(_hf_from(after), token_ids)
         self.assertLess(np.abs(exported - ours).max(), 1e-4)
@@ -238,7 +229,7 @@ class LoraTest(TestCase):
                 count += 1
         self.assertEqual(count, 13)  # 4 kernels in 3 blocks + embedding
         path = lm.export_to_transformers(os.path.join(_tmp(self), "out"))
-        token_ids = _ids(seed=2)
+        token_ids = references.random_token_ids(seed=2)
         self.assertLess(
             np.abs(
                 references.hf_logits(_hf_from(path), token_ids)

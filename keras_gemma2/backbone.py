@@ -189,6 +189,47 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
             new_caches.append(cache)
         return self.final_normalization(x), new_caches
 
+    @staticmethod
+    def get_layout_map(
+        device_mesh,
+        model_parallel_dim_name="model",
+        data_parallel_dim_name="batch",
+        architecture=None,
+    ):
+        """A `keras.distribution.LayoutMap` that shards Gemma 2 weights.
+
+        Embeddings by vocabulary, attention projections by heads (by
+        head_dim where the model axis does not divide the key/value heads),
+        FFN matrices by width; norms and LoRA adapters replicated. See
+        `keras_gemma2.distribution.get_layout_map`.
+
+        Args:
+            device_mesh: a `keras.distribution.DeviceMesh`.
+            model_parallel_dim_name: string. The mesh axis for weights.
+            data_parallel_dim_name: string. The mesh axis for batches.
+            architecture: dict or None. The backbone kwargs to plan for;
+                `None` plans a map valid for 2B, 9B and 27B alike.
+
+        Example:
+        ```python
+        mesh = keras.distribution.DeviceMesh(
+            (1, 1), ("batch", "model"), keras.distribution.list_devices()[:1]
+        )
+        layout_map = keras_gemma2.Gemma2Backbone.get_layout_map(mesh)
+        distribution = keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        )
+        ```
+        """
+        from keras_gemma2 import distribution
+
+        return distribution.get_layout_map(
+            architecture,
+            device_mesh,
+            model_parallel_dim_name=model_parallel_dim_name,
+            data_parallel_dim_name=data_parallel_dim_name,
+        )
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -9,6 +9,7 @@ import pytest
 
 import keras_gemma2
 from keras_gemma2 import architectures
+from keras_gemma2 import distribution
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2.layers import attention_masks
 
@@ -26,6 +27,9 @@ PUBLIC = [
     keras_gemma2.Gemma2RMSNormalization,
     keras_gemma2.layers.Gemma2Embedding,
     architectures.abstract_parameter_count,
+    keras_gemma2.Gemma2Backbone.get_layout_map,
+    distribution.get_layout_map,
+    distribution.memory_bytes,
 ]
 
 

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 
 import keras_gemma2  # noqa: E402
 from keras_gemma2.distribution import get_layout_map  # noqa: E402
+from keras_gemma2.distribution import kv_cache_layout  # noqa: E402
 from keras_gemma2.distribution import plan_layouts  # noqa: E402
 from tests import references  # noqa: E402
 
@@ -93,7 +94,16 @@ def main():
             "losses": losses,
             "placed_as_planned": placed == planned,
             "sharded_weights": sum(bool(v) for v in placed.values()),
+            "cache_axes": list(kv_cache_layout(KWARGS, mesh).axes),
         }
+    data_parallel = keras.distribution.DataParallel(
+        devices=keras.distribution.list_devices()[:2]
+    )
+    with data_parallel.scope():
+        _, _, losses = run(build(weights), token_ids)
+    report["data_parallel"] = {
+        "loss_diff": max(abs(a - b) for a, b in zip(losses, single[2]))
+    }
     print(json.dumps(report))
 
 

@@ -36,6 +36,17 @@ class PlanTest(TestCase):
         self.assertEqual(plan["attention/key/kernel"][1], 2)
         self.assertEqual(plan["attention/query/kernel"][1], 0)
 
+    def test_kv_cache_follows_the_key_projection(self):
+        devices = keras.distribution.list_devices()[:1]
+        mesh = keras.distribution.DeviceMesh(
+            (1, 1), ("batch", "model"), devices
+        )
+        layout = distribution.kv_cache_layout(references.TINY_KWARGS, mesh)
+        self.assertEqual(tuple(layout.axes), ("batch", None, None, None, None))
+        # Sizes only: 4 devices divide the tiny head_dim 8, not its 2 heads.
+        plan = distribution.plan_layouts(references.TINY_KWARGS, 4)
+        self.assertEqual(plan["attention/key/kernel"][1], 2)
+
     def test_undividable_mesh_names_weight_and_sizes(self):
         with pytest.raises(
             ValueError,
@@ -90,9 +101,12 @@ def test_model_parallel_matches_one_device():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report.pop("data_parallel")["loss_diff"] < 1e-5
     for mesh, numbers in report.items():
         assert numbers["logits_diff"] < 1e-5, mesh
         assert numbers["same_generation"], mesh
         assert numbers["loss_diff"] < 1e-5, mesh
         assert numbers["placed_as_planned"], mesh
         assert numbers["sharded_weights"] > 0, mesh
+        # 2 key/value heads: the cache splits head_dim over the model axis.
+        assert numbers["cache_axes"] == ["batch", None, None, None, "model"]

@@ -15,9 +15,7 @@ import argparse
 import io
 import json
 import math
-import os
 import pathlib
-import shutil
 import sys
 import time
 
@@ -115,6 +113,7 @@ def main():
     import keras
 
     import keras_gemma2
+    from keras_gemma2 import atomic
 
     keras.utils.set_random_seed(0)
     train_docs, held_out_docs = tiny_corpus.split()
@@ -192,18 +191,12 @@ def main():
         print(repr(lm.generate(prompt, max_new_tokens=40)))
 
     output = pathlib.Path(args.output)
-    staging = output.with_name(output.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    lm.save_to_preset(str(staging))
-    (staging / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    if output.exists():
-        previous = output.with_name(output.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(output, previous)
-        os.replace(staging, output)
-        shutil.rmtree(previous)
-    else:
-        os.replace(staging, output)
+    # Staged beside the target and renamed into place: an interrupted run
+    # never leaves a half-written preset.
+    with atomic.staged_folder(output, "training") as staging:
+        lm.save_to_preset(staging)
+        report_path = pathlib.Path(staging) / "training.json"
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")
 
 

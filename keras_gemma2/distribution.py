@@ -108,6 +108,7 @@ def get_layout_map(
     """
     import keras
 
+    _check_backend()
     names = device_mesh.axis_names
     for name in (model_parallel_dim_name, data_parallel_dim_name):
         if name not in names:
@@ -134,6 +135,16 @@ def get_layout_map(
     return layout_map
 
 
+def _check_backend():
+    import keras
+
+    if keras.config.backend() == "torch":
+        raise RuntimeError(
+            "keras.distribution has no PyTorch implementation in Keras 3.15. "
+            "Set KERAS_BACKEND=jax (or tensorflow) before importing Keras."
+        )
+
+
 def _regex(pattern):
     # Anchored to the end of the path: `query/kernel` must not match
     # `query/lora_kernel_a`.
@@ -153,6 +164,7 @@ def kv_cache_layout(
     """
     import keras
 
+    _check_backend()
     names = device_mesh.axis_names
     model_size = device_mesh.shape[names.index(model_parallel_dim_name)]
     plan = plan_layouts(architecture, model_size)

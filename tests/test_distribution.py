@@ -19,6 +19,12 @@ from tests.harness import TestCase
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+NO_DISTRIBUTION = pytest.mark.skipif(
+    keras.config.backend() == "torch",
+    reason="keras.distribution has no torch backend",
+)
+
+
 class PlanTest(TestCase):
     def test_heads_first_then_head_dim(self):
         plan = distribution.plan_layouts(ARCHITECTURES["9b"], 8)
@@ -36,6 +42,7 @@ class PlanTest(TestCase):
         self.assertEqual(plan["attention/key/kernel"][1], 2)
         self.assertEqual(plan["attention/query/kernel"][1], 0)
 
+    @NO_DISTRIBUTION
     def test_kv_cache_follows_the_key_projection(self):
         devices = keras.distribution.list_devices()[:1]
         mesh = keras.distribution.DeviceMesh(
@@ -54,11 +61,19 @@ class PlanTest(TestCase):
         ):
             distribution.plan_layouts(references.TINY_KWARGS, 7)
 
+    @NO_DISTRIBUTION
     def test_unknown_mesh_axis(self):
         devices = keras.distribution.list_devices()[:1]
         mesh = keras.distribution.DeviceMesh((1, 1), ("data", "model"), devices)
         with pytest.raises(ValueError, match="not 'batch'"):
             distribution.get_layout_map(references.TINY_KWARGS, mesh)
+
+
+class TorchTest(TestCase):
+    @pytest.mark.skipif(keras.config.backend() != "torch", reason="torch only")
+    def test_clear_error_on_torch(self):
+        with pytest.raises(RuntimeError, match="KERAS_BACKEND=jax"):
+            distribution.get_layout_map(references.TINY_KWARGS, None)
 
 
 class MemoryTest(TestCase):

@@ -20,6 +20,19 @@ _DTYPES = {
 PICKLED_WEIGHTS = ("pytorch_model.bin", ".bin", ".pt", ".pth", ".ckpt")
 
 
+def pickled_weights_error(files):
+    """A ValueError refusing a folder's pickled weights; None if none."""
+    pickled = [f for f in files.listdir() if f.endswith(PICKLED_WEIGHTS)]
+    if not pickled:
+        return None
+    return ValueError(
+        f"{files.preset} holds only pickled weights ({pickled[0]}). "
+        "keras_gemma2 never unpickles a checkpoint (it can run code); "
+        "convert it to safetensors first, e.g. "
+        "`model.save_pretrained(path, safe_serialization=True)`."
+    )
+
+
 class SafetensorsCheckpoint:
     """The tensors of one or many `.safetensors` files, read lazily.
 
@@ -53,14 +66,9 @@ class SafetensorsCheckpoint:
             return shards
         if files.exists("model.safetensors"):
             return ["model.safetensors"]
-        pickled = [f for f in files.listdir() if f.endswith(PICKLED_WEIGHTS)]
-        if pickled:
-            raise ValueError(
-                f"{files.preset} holds only pickled weights ({pickled[0]}). "
-                "keras_gemma2 never unpickles a checkpoint (it can run code); "
-                "convert it to safetensors first, e.g. "
-                "`model.save_pretrained(path, safe_serialization=True)`."
-            )
+        refusal = pickled_weights_error(files)
+        if refusal is not None:
+            raise refusal
         raise FileNotFoundError(
             f"{files.preset} has no model.safetensors or "
             "model.safetensors.index.json."

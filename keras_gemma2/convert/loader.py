@@ -15,21 +15,12 @@ OURS, HUGGING_FACE, KERAS_HUB = "keras_gemma2", "huggingface", "keras_hub"
 def detect_format(files):
     """`(format, config)` of a preset, from its `config.json`."""
     if not files.exists("config.json"):
-        pickled = [
-            f
-            for f in files.listdir()
-            if f.endswith(from_huggingface.PICKLED_WEIGHTS)
-        ]
-        hint = (
-            f" It holds pickled weights ({pickled[0]}), which keras_gemma2 "
-            "refuses to load: they can run code. Convert them to "
-            "safetensors."
-            if pickled
-            else ""
-        )
+        refusal = from_huggingface.pickled_weights_error(files)
+        if refusal is not None:
+            raise refusal
         raise ValueError(
             f"{files.preset} has no config.json, so it is neither a Keras "
-            f"preset nor a Hugging Face checkpoint.{hint}"
+            "preset nor a Hugging Face checkpoint."
         )
     config = files.json("config.json")
     registered = config.get("registered_name")

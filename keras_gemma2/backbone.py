@@ -1,6 +1,7 @@
 """Gemma2Backbone: token embedding -> decoder blocks -> final RMSNorm."""
 
 import keras
+from keras import ops
 from keras_hub.models import Backbone
 
 from keras_gemma2 import presets as presets_lib
@@ -176,18 +177,65 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
         """Hidden states `[b, t, d]` -> soft-capped logits `[b, t, vocab]`."""
         return self.token_embedding(hidden_states, reverse=True)
 
-    def decode(self, x, caches, cache_update_index):
+    def decode(self, x, caches, cache_update_index, valid_length=None):
         """Runs the blocks over `x` with per-layer caches.
+
+        One token is a decode step at position `cache_update_index`; several
+        are a prefill from position 0 that keeps the first `valid_length`
+        in the caches (see `Gemma2DecoderBlock.call`).
 
         Returns the final hidden states and the list of updated caches.
         """
         new_caches = []
         for block, cache in zip(self.transformer_layers, caches):
             x, cache = block(
-                x, cache=cache, cache_update_index=cache_update_index
+                x,
+                cache=cache,
+                cache_update_index=cache_update_index,
+                valid_length=valid_length,
             )
             new_caches.append(cache)
         return self.final_normalization(x), new_caches
+
+    def cache_capacities(self, max_length):
+        """Positions each layer's cache holds when generating `max_length`.
+
+        Global layers keep every position; local layers only their window,
+        as a ring.
+
+        Example:
+        ```python
+        backbone = keras_gemma2.Gemma2Backbone.from_preset("gemma2_tiny_en")
+        backbone.cache_capacities(256)  # (64, 256, 64, 256, 64, 256)
+        ```
+        """
+        return tuple(
+            min(block.window_size or max_length, max_length)
+            for block in self.transformer_layers
+        )
+
+    def init_cache(self, batch_size, max_length, dtype=None):
+        """Empty per-layer `(keys, values)` caches for `max_length` tokens.
+
+        Each is `[batch_size, capacity, num_key_value_heads, head_dim]` with
+        the capacities of `cache_capacities`.
+        """
+        dtype = dtype or self.compute_dtype
+        return tuple(
+            tuple(
+                ops.zeros(
+                    (
+                        batch_size,
+                        capacity,
+                        self.num_key_value_heads,
+                        self.head_dim,
+                    ),
+                    dtype=dtype,
+                )
+                for _ in range(2)
+            )
+            for capacity in self.cache_capacities(max_length)
+        )
 
     @staticmethod
     def get_layout_map(

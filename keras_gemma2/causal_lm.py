@@ -4,8 +4,8 @@ import keras
 import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
-from keras_hub.models import GemmaCausalLM
 
+from keras_gemma2 import generation
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.causal_lm_preprocessor import Gemma2CausalLMPreprocessor
@@ -55,6 +55,7 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         hidden_states = backbone(inputs)
         outputs = backbone.logits(hidden_states)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self._compiled_generation = None
 
     def compile(
         self,
@@ -66,6 +67,7 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         **kwargs,
     ):
         """Like `CausalLM.compile`, with greedy sampling by default."""
+        self._compiled_generation = None
         super().compile(
             optimizer=optimizer,
             loss=loss,
@@ -76,53 +78,148 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
 
     # --- cached decoding: KerasHub's sampler contract ---------------------
 
-    def call_with_cache(self, token_ids, cache, cache_update_index):
+    def call_with_cache(
+        self, token_ids, cache, cache_update_index, valid_length=None
+    ):
         """One decoding pass over `token_ids` with per-layer KV caches.
 
+        One token is a decode step at position `cache_update_index`; several
+        tokens are a prefill from position 0 that keeps its first
+        `valid_length` positions in the (new) caches. On PyTorch without
+        gradients a decode step updates the caches in place.
+
         Args:
-            token_ids: `[batch, length]` int tensor at positions
-                `cache_update_index ...`.
-            cache: a tuple with one `[batch, 2, max_length,
-                num_key_value_heads, head_dim]` tensor per layer.
+            token_ids: `[batch, length]` int tensor.
+            cache: a tuple with one `(keys, values)` pair per layer, from
+                `backbone.init_cache`: global layers hold every position,
+                local layers a ring of their window.
             cache_update_index: int or int tensor.
+            valid_length: int or int tensor, for a prefill.
 
         Returns:
             `(logits, hidden_states, cache)`.
         """
         x = self.backbone.embed(token_ids)
         hidden_states, cache = self.backbone.decode(
-            x, cache, cache_update_index
+            x, cache, cache_update_index, valid_length=valid_length
         )
         logits = self.backbone.logits(hidden_states)
         return logits, hidden_states, tuple(cache)
 
-    def _build_cache(self, token_ids):
-        """Empty caches, filled by one pass over `token_ids`."""
-        batch_size, max_length = (
-            ops.shape(token_ids)[0],
-            ops.shape(token_ids)[1],
+    def _build_cache(self, token_ids, max_length=None, valid_length=None):
+        """Caches for `max_length` tokens, filled by a prefill of `token_ids`.
+
+        The prefill runs over `token_ids` only (a bucket around the
+        shortest prompt), not over the whole generation length.
+        """
+        batch_size, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        cache = self.backbone.init_cache(batch_size, max_length or length)
+        _, hidden_states, cache = self.call_with_cache(
+            token_ids, cache, 0, valid_length=valid_length
         )
-        backbone = self.backbone
-        # Per layer: [batch, 2 (key, value), max_length, kv_heads, head_dim].
-        shape = [
-            batch_size,
-            2,
-            max_length,
-            backbone.num_key_value_heads,
-            backbone.head_dim,
-        ]
-        cache = tuple(
-            ops.zeros(shape, dtype=self.compute_dtype)
-            for _ in range(backbone.num_layers)
-        )
-        _, hidden_states, cache = self.call_with_cache(token_ids, cache, 0)
         return hidden_states, cache
 
+    def _prefill(self, prefill_ids, valid_length, max_length):
+        return self._build_cache(prefill_ids, max_length, valid_length)[1]
+
+    def _decode_loop(self, *args, stop_token_ids=None):
+        return generation.decode_loop(self, *args, stop_token_ids)
+
+    def _generation_functions(self):
+        """The compiled prefill and decoding loop, made once per sampler."""
+        if self._compiled_generation is None:
+            self._compiled_generation = {
+                "prefill": generation.compile_function(
+                    self, self._prefill, static_argnames=("max_length",)
+                ),
+                "loop": generation.compile_function(
+                    self,
+                    self._decode_loop,
+                    static_argnames=("stop_token_ids",),
+                ),
+            }
+        return self._compiled_generation
+
     def generate_step(self, inputs, stop_token_ids=None):
-        """Generates one batch of `token_ids`/`padding_mask` (compilable)."""
-        # KerasHub's Gemma loop only calls `_build_cache`, `call_with_cache`
-        # and `self.sampler`, which are ours: reuse it rather than copy it.
-        return GemmaCausalLM.generate_step(self, inputs, stop_token_ids)
+        """Generates one batch of `token_ids`/`padding_mask` (compilable).
+
+        `inputs` may also hold `prefill_ids` (the leading tokens to prefill
+        over, a bucket at least as long as the shortest prompt; defaults to
+        all of `token_ids`) and `limits` (`[batch]` lengths at which each
+        row stops).
+        """
+        token_ids = inputs["token_ids"]
+        prompt_mask = ops.cast(inputs["padding_mask"], "bool")
+        prefill_ids = inputs.get("prefill_ids", token_ids)
+        batch_size, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        index = ops.min(ops.sum(ops.cast(prompt_mask, "int32"), axis=-1))
+        limits = inputs.get("limits")
+        if limits is None:
+            limits = ops.full((batch_size,), length, dtype="int32")
+        hidden_states, cache = self._build_cache(prefill_ids, length, index)
+        if generation.picks_one_token_per_step(self.sampler):
+            token_ids, _, _, _ = generation.decode_loop(
+                self,
+                token_ids,
+                prompt_mask,
+                cache,
+                index,
+                ops.zeros((batch_size,), dtype="bool"),
+                limits,
+                length,
+                stop_token_ids,
+            )
+        else:
+            token_ids = self._search(
+                token_ids, prompt_mask, cache, index, hidden_states,
+                stop_token_ids,
+            )
+        # Keep the prompt and each row's tokens up to its first stop token.
+        positions = ops.expand_dims(ops.arange(length, dtype="int32"), 0)
+        keep = positions < ops.expand_dims(ops.cast(limits, "int32"), 1)
+        if stop_token_ids is not None:
+            is_stop = ops.zeros_like(prompt_mask)
+            for stop_id in stop_token_ids:
+                is_stop = ops.logical_or(is_stop, token_ids == stop_id)
+            is_stop = ops.cast(
+                ops.logical_and(is_stop, ops.logical_not(prompt_mask)), "int32"
+            )
+            after_stop = (ops.cumsum(is_stop, axis=-1) - is_stop) > 0
+            keep = ops.logical_and(keep, ops.logical_not(after_stop))
+        return {
+            "token_ids": token_ids,
+            "padding_mask": ops.logical_or(keep, prompt_mask),
+        }
+
+    def _search(
+        self, token_ids, prompt_mask, cache, index, hidden_states,
+        stop_token_ids,
+    ):
+        """Beam or contrastive search: KerasHub's own sampler loop."""
+        length = ops.shape(token_ids)[1]
+
+        def next(prompt, cache, index):
+            # The cache index is the index of our previous token.
+            batch_size = ops.shape(prompt)[0]
+            prompt = ops.slice(prompt, [0, index - 1], [batch_size, 1])
+            logits, hidden, cache = self.call_with_cache(
+                prompt, cache, index - 1
+            )
+            return ops.squeeze(logits, 1), ops.squeeze(hidden, 1), cache
+
+        # Contrastive search updates hidden states at every position.
+        missing = length - ops.shape(hidden_states)[1]
+        hidden_states = ops.pad(hidden_states, [[0, 0], [0, missing], [0, 0]])
+        return self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=prompt_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states,
+            model=self,
+        )
 
     # --- generate ---------------------------------------------------------
 
@@ -133,6 +230,7 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         max_new_tokens=None,
         stop_token_ids="auto",
         strip_prompt=False,
+        stream=False,
     ):
         """Generates text (or token ids) from prompts.
 
@@ -147,15 +245,27 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
             stop_token_ids: `"auto"` (`<eos>` and `<end_of_turn>`), `None`
                 (never stop early) or a sequence of ids.
             strip_prompt: bool. Return only the generated continuation.
+            stream: bool. Return an iterator that yields the continuation of
+                one string prompt as text pieces, while they are sampled
+                (greedy, top-k, top-p or random sampling).
 
         Returns:
             A string or list of strings; for dict inputs, a dict of numpy
-            `token_ids` and `padding_mask`.
+            `token_ids` and `padding_mask`; with `stream=True`, an iterator
+            of strings.
+
+        The prompt is prefilled over its own length (rounded up to a bucket)
+        and the decoding loop is compiled once per bucket of lengths, so
+        repeated calls, and a chat whose prompt grows each turn, do not
+        recompile for every new length.
 
         Example:
         ```python
         lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
         lm.generate("The tokenizer", max_new_tokens=8, strip_prompt=True)
+        for piece in lm.generate("The tokenizer", max_new_tokens=8,
+                                 stream=True):
+            print(piece, end="", flush=True)
         ```
         """
         if max_length is not None and max_new_tokens is not None:
@@ -182,6 +292,9 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         if stop_token_ids is not None:
             stop_token_ids = tuple(int(i) for i in stop_token_ids)
 
+        if stream:
+            return self._check_stream(inputs, max_length, max_new_tokens,
+                                      stop_token_ids)
         if _is_dataset(inputs):
             if max_new_tokens is not None:
                 raise ValueError(
@@ -202,6 +315,34 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
             return outputs
 
         prompts, is_scalar = _check_prompts(inputs)
+        batch = self._tokenize_prompts(prompts, max_length, max_new_tokens)
+        outputs = self._generate_batch(
+            batch, stop_token_ids, max_new_tokens, strip_prompt
+        )
+        texts = _to_strings(self.preprocessor.generate_postprocess(outputs))
+        return texts[0] if is_scalar else texts
+
+    def _check_stream(self, inputs, max_length, max_new_tokens, stop_ids):
+        """Validates a `stream=True` call, then returns its iterator."""
+        if not isinstance(inputs, (str, bytes)):
+            raise ValueError(
+                "`stream=True` streams the continuation of one prompt: pass "
+                f"a single string, not {type(inputs).__name__}. Call "
+                "`generate` without `stream` for a batch."
+            )
+        if not generation.picks_one_token_per_step(self.sampler):
+            raise ValueError(
+                f"`stream=True` needs a sampler that picks each token as it "
+                f"goes (greedy, top_k, top_p, random); "
+                f"{type(self.sampler).__name__} decides the tokens only at "
+                "the end. `compile(sampler='greedy')` or drop `stream`."
+            )
+        prompts, _ = _check_prompts(inputs)
+        batch = self._tokenize_prompts(prompts, max_length, max_new_tokens)
+        return self._stream(batch, stop_ids, max_new_tokens)
+
+    def _tokenize_prompts(self, prompts, max_length, max_new_tokens):
+        """Numpy `token_ids`/`padding_mask` of string prompts, checked."""
         if self.preprocessor is None:
             raise ValueError(
                 "This model has no preprocessor, so it cannot tokenize "
@@ -224,12 +365,7 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         batch = self.preprocessor.generate_preprocess(
             prompts, sequence_length=max_length
         )
-        batch = {k: ops.convert_to_numpy(v) for k, v in batch.items()}
-        outputs = self._generate_batch(
-            batch, stop_token_ids, max_new_tokens, strip_prompt
-        )
-        texts = _to_strings(self.preprocessor.generate_postprocess(outputs))
-        return texts[0] if is_scalar else texts
+        return {k: ops.convert_to_numpy(v) for k, v in batch.items()}
 
     def _prompt_lengths(self, prompts):
         """Token counts of the prompts, `<bos>` included."""
@@ -240,33 +376,119 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         self, batch, stop_token_ids, max_new_tokens, strip_prompt
     ):
         """Generates one batch of numpy `token_ids`/`padding_mask`."""
+        state = self._start_generation(batch, max_new_tokens)
+        if generation.picks_one_token_per_step(self.sampler):
+            state = self._continue_generation(state, stop_token_ids)
+            token_ids = state["token_ids"]
+        else:
+            outputs = self.make_generate_function()(
+                {
+                    "token_ids": state["token_ids"],
+                    "padding_mask": state["prompt_mask"],
+                    "prefill_ids": state["token_ids"][:, : state["prefill"]],
+                    "limits": state["limits"],
+                },
+                stop_token_ids=stop_token_ids,
+            )
+            token_ids = outputs["token_ids"]
+        length = state["length"]
+        token_ids = ops.convert_to_numpy(token_ids)[:, :length]
+        prompt_mask = state["prompt_mask"][:, :length]
+        padding_mask = generation.output_mask(
+            token_ids, prompt_mask, stop_token_ids, state["limits"]
+        )
+        if strip_prompt:
+            for row, size in enumerate(state["prompt_lengths"]):
+                token_ids[row] = np.roll(token_ids[row], -size)
+                padding_mask[row] = np.roll(padding_mask[row], -size)
+                padding_mask[row, token_ids.shape[1] - size :] = False
+        return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+    def _start_generation(self, batch, max_new_tokens):
+        """Pads a numpy batch to its bucket and runs the prefill.
+
+        Returns the state `_continue_generation` advances: numpy
+        `token_ids`, `prompt_mask`, `limits` and the caches, `index` (the
+        next position), `done` rows.
+        """
         token_ids = np.asarray(batch["token_ids"], "int32")
-        padding_mask = np.asarray(batch["padding_mask"], bool)
-        prompt_lengths = padding_mask.sum(axis=-1)
+        prompt_mask = np.asarray(batch["padding_mask"]).astype(bool)
+        prompt_lengths = prompt_mask.sum(axis=-1)
+        if prompt_lengths.min() < 1:
+            raise ValueError(
+                "Every prompt needs at least one token (`<bos>`); a row of "
+                "`padding_mask` is all zeros."
+            )
+        length = token_ids.shape[1]
+        limits = np.full(len(token_ids), length, "int32")
         if max_new_tokens is not None:
-            room = int(prompt_lengths.max()) + max_new_tokens
-            extra = max(0, room - token_ids.shape[1])
-            token_ids = np.pad(token_ids, [(0, 0), (0, extra)])
-            padding_mask = np.pad(padding_mask, [(0, 0), (0, extra)])
-        generate_function = self.make_generate_function()
-        outputs = generate_function(
-            {"token_ids": token_ids, "padding_mask": padding_mask},
+            length = max(length, int(prompt_lengths.max()) + max_new_tokens)
+            limits = (prompt_lengths + max_new_tokens).astype("int32")
+        # Compile for buckets of lengths, not for every prompt and budget.
+        total = generation.bucket_length(length)
+        extra = [(0, 0), (0, total - token_ids.shape[1])]
+        token_ids = np.pad(token_ids, extra)
+        prompt_mask = np.pad(prompt_mask, extra)
+        start = int(prompt_lengths.min())
+        prefill = min(generation.bucket_length(start), total)
+        state = {
+            "token_ids": token_ids,
+            "prompt_mask": prompt_mask,
+            "limits": limits,
+            "length": length,
+            "prompt_lengths": prompt_lengths,
+            "prefill": prefill,
+            "index": start,
+        }
+        if generation.picks_one_token_per_step(self.sampler):
+            functions = self._generation_functions()
+            state["cache"] = functions["prefill"](
+                ops.convert_to_tensor(token_ids[:, :prefill]),
+                ops.convert_to_tensor(start, "int32"),
+                max_length=total,
+            )
+            state["done"] = np.zeros(len(token_ids), bool)
+        return state
+
+    def _continue_generation(self, state, stop_token_ids, steps=None):
+        """Runs the compiled loop for up to `steps` more positions."""
+        total = state["token_ids"].shape[1]
+        stop_at = total if steps is None else min(total, state["index"] + steps)
+        token_ids, cache, index, done = self._generation_functions()["loop"](
+            ops.convert_to_tensor(state["token_ids"]),
+            ops.convert_to_tensor(state["prompt_mask"]),
+            state["cache"],
+            ops.convert_to_tensor(state["index"], "int32"),
+            ops.convert_to_tensor(state["done"]),
+            ops.convert_to_tensor(state["limits"]),
+            ops.convert_to_tensor(stop_at, "int32"),
             stop_token_ids=stop_token_ids,
         )
-        token_ids = ops.convert_to_numpy(outputs["token_ids"])
-        padding_mask = ops.convert_to_numpy(outputs["padding_mask"]).astype(
-            bool
-        )
-        positions = np.arange(token_ids.shape[1])[None, :]
-        if max_new_tokens is not None:
-            limit = prompt_lengths[:, None] + max_new_tokens
-            padding_mask &= positions < limit
-        if strip_prompt:
-            for row, length in enumerate(prompt_lengths):
-                token_ids[row] = np.roll(token_ids[row], -length)
-                padding_mask[row] = np.roll(padding_mask[row], -length)
-                padding_mask[row, token_ids.shape[1] - length :] = False
-        return {"token_ids": token_ids, "padding_mask": padding_mask}
+        return {
+            **state,
+            "token_ids": ops.convert_to_numpy(token_ids),
+            "cache": cache,
+            "index": int(ops.convert_to_numpy(index)),
+            "done": ops.convert_to_numpy(done),
+        }
+
+    def _stream(self, batch, stop_token_ids, max_new_tokens):
+        """Yields the text of one prompt's continuation as it is sampled."""
+        state = self._start_generation(batch, max_new_tokens)
+        stream = generation.TextStream(self.preprocessor.tokenizer)
+        stops = set(stop_token_ids or ())
+        length = state["length"]
+        while state["index"] < length and not state["done"].all():
+            index = state["index"]
+            state = self._continue_generation(state, stop_token_ids, steps=1)
+            token = int(state["token_ids"][0, index])
+            if state["prompt_mask"][0, index]:
+                continue
+            if token in stops:
+                return
+            text = stream.push([token])
+            if text:
+                yield text
 
     # --- score ------------------------------------------------------------
 

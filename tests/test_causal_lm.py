@@ -41,10 +41,7 @@ class CachedDecodingTest(TestCase):
                 }
             )
         )
-        cache = tuple(
-            keras.ops.zeros((1, 2, 13, 2, 8))
-            for _ in range(lm.backbone.num_layers)
-        )
+        cache = lm.backbone.init_cache(1, 13)
         steps = []
         for t in range(13):
             logits, _, cache = lm.call_with_cache(

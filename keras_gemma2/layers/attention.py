@@ -9,6 +9,8 @@ import keras
 from keras import ops
 from keras_hub.layers import RotaryEmbedding
 
+from keras_gemma2.layers.attention_masks import decoder_attention_mask
+
 # Finite, so that a fully masked row (a padded query) gives a uniform softmax
 # instead of NaN.
 _MASKED_SCORE = -1e30
@@ -34,6 +36,13 @@ class Gemma2Attention(keras.layers.Layer):
             (50 in Gemma 2); `None` disables it.
         rope_max_wavelength: float. RoPE base. Defaults to `10000`.
         dropout: float. Dropout on the attention probabilities.
+        sliding_window_size: int or None. The window of a local layer (a key
+            at most `sliding_window_size - 1` positions back); `None` for a
+            global layer.
+
+    Sequences longer than `chunk_size` (1024; an attribute, not saved) are
+    attended in blocks with an online softmax, so memory does not grow with
+    the square of the length.
 
     Example:
     ```python
@@ -44,6 +53,7 @@ class Gemma2Attention(keras.layers.Layer):
     x = np.random.rand(1, 5, 16).astype("float32")
     mask = np.tril(np.ones((1, 5, 5), bool))
     y, _ = attention(x, attention_mask=mask)
+    y, _ = attention(x)  # causal mask from positions
     ```
     """
 
@@ -56,6 +66,7 @@ class Gemma2Attention(keras.layers.Layer):
         attention_logit_soft_cap=None,
         rope_max_wavelength=10000.0,
         dropout=0.0,
+        sliding_window_size=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -67,6 +78,8 @@ class Gemma2Attention(keras.layers.Layer):
         self.attention_logit_soft_cap = attention_logit_soft_cap
         self.rope_max_wavelength = rope_max_wavelength
         self.dropout = dropout
+        self.sliding_window_size = sliding_window_size
+        self.chunk_size = 1024
         self.num_groups = num_query_heads // num_key_value_heads
 
         self.query = keras.layers.EinsumDense(
@@ -123,58 +136,191 @@ class Gemma2Attention(keras.layers.Layer):
     def call(
         self,
         x,
-        attention_mask,
+        attention_mask=None,
+        padding_mask=None,
         cache=None,
         cache_update_index=0,
+        valid_length=None,
         training=False,
     ):
         """Attends; returns `(output, cache)`.
 
-        `cache` is `None` or `[batch, 2, cache_length, num_key_value_heads,
-        head_dim]` (keys then values); the new keys and values are written at
-        `cache_update_index` and the updated cache is returned.
+        Args:
+            x: `[batch, length, hidden_dim]`.
+            attention_mask: optional explicit `[batch or 1, length, length]`
+                boolean mask. Without it the mask follows from positions
+                (causal, the sliding window of a local layer) and
+                `padding_mask`.
+            padding_mask: optional `[batch, length]` mask of real tokens.
+            cache: optional `(keys, values)`, each `[batch, capacity,
+                num_key_value_heads, head_dim]`: a ring that holds position
+                `p` at slot `p % capacity`. A global layer's capacity is the
+                generation length; a local layer's is at most its window.
+            cache_update_index: int or int tensor. With a cache and one
+                token, the position of that token (a decode step).
+            valid_length: int or int tensor. With a cache and several tokens
+                (a prefill from position 0), how many leading positions are
+                written to the cache. Defaults to all of them.
+            training: bool.
+
+        A decode step writes its key and value in place of the oldest slot
+        and reads only the `capacity` cached positions; no length x length
+        mask is built. A prefill attends over `x` itself (in chunks with an
+        online softmax when longer than `chunk_size`) and returns a new
+        cache holding the last `capacity` of its first `valid_length`
+        positions.
         """
-        start = 0 if cache is None else cache_update_index
+        # An int when traced with a known length; None or symbolic otherwise.
+        length = x.shape[1]
+        decoding = cache is not None and isinstance(length, int) and length == 1
+        start = cache_update_index if decoding else 0
         # [b, t, n, h]
         query = self.rotary(self.query(x), start_index=start)
         query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
         # [b, t, k, h]
         key = self.rotary(self.key(x), start_index=start)
         value = self.value(x)
+        if decoding:
+            return self._decode_step(query, key, value, cache, start)
+        if attention_mask is not None:
+            out = self._attend(query, key, value, attention_mask, training)
+        else:
+            out = self._self_attend(query, key, value, padding_mask, training)
         if cache is not None:
-            key_cache = ops.slice_update(
-                cache[:, 0, ...], [0, cache_update_index, 0, 0], key
-            )
-            value_cache = ops.slice_update(
-                cache[:, 1, ...], [0, cache_update_index, 0, 0], value
-            )
-            cache = ops.stack([key_cache, value_cache], axis=1)
-            # [b, s, k, h]
-            key, value = key_cache, value_cache
+            cache = _fill_ring(key, value, cache, valid_length)
+        return out, cache
 
+    def _output(self, out):
+        """`[b, t, k, g, h]` heads -> `[b, t, hidden_dim]`."""
+        batch, length = ops.shape(out)[0], ops.shape(out)[1]
+        out = ops.reshape(
+            out, (batch, length, self.num_query_heads, self.head_dim)
+        )
+        return self.attention_output(out)
+
+    def _group(self, query):
+        """`[b, t, n, h]` -> `[b, t, k, g, h]`."""
         batch, length = ops.shape(query)[0], ops.shape(query)[1]
-        # [b, t, k, g, h]
-        query = ops.reshape(
+        return ops.reshape(
             query,
             (batch, length, self.num_key_value_heads, self.num_groups, -1),
         )
-        # [b, k, g, t, s]
-        scores = ops.einsum("btkgh,bskh->bkgts", query, key)
-        scores = ops.cast(scores, "float32")
+
+    def _scores(self, query, key):
+        """Soft-capped float32 scores `[b, k, g, t, s]`."""
+        scores = ops.cast(ops.einsum("btkgh,bskh->bkgts", query, key), "float32")
         if self.attention_logit_soft_cap is not None:
             cap = self.attention_logit_soft_cap
             scores = ops.tanh(scores / cap) * cap
-        # attention_mask: [b or 1, t, s] -> [b or 1, 1, 1, t, s]
+        return scores
+
+    def _attend(self, query, key, value, attention_mask, training=False):
+        """Plain softmax attention under a `[b or 1, t, s]` mask."""
+        query = self._group(query)
+        scores = self._scores(query, key)
+        # [b or 1, t, s] -> [b or 1, 1, 1, t, s]
         mask = ops.expand_dims(ops.expand_dims(attention_mask, 1), 1)
         scores = ops.where(mask, scores, _MASKED_SCORE)
         probs = ops.cast(ops.softmax(scores, axis=-1), self.compute_dtype)
         probs = self.dropout_layer(probs, training=training)
-        # [b, t, k, g, h] -> [b, t, n, h]
-        out = ops.einsum("bkgts,bskh->btkgh", probs, value)
-        out = ops.reshape(
-            out, (batch, length, self.num_query_heads, self.head_dim)
-        )
-        return self.attention_output(out), cache
+        return self._output(ops.einsum("bkgts,bskh->btkgh", probs, value))
+
+    def _self_attend(self, query, key, value, padding_mask, training):
+        length = query.shape[1]
+        if not isinstance(length, int) or length <= self.chunk_size:
+            mask = decoder_attention_mask(
+                ops.shape(query)[1],
+                ops.shape(key)[1],
+                padding_mask=padding_mask,
+                window_size=self.sliding_window_size,
+            )
+            return self._attend(query, key, value, mask, training)
+        return self._chunked_attend(query, key, value, padding_mask, training)
+
+    def _chunked_attend(self, query, key, value, padding_mask, training):
+        """Self-attention in query x key blocks with an online softmax.
+
+        Peak memory holds one `[b, heads, chunk, chunk]` block of scores
+        instead of `[b, heads, length, length]`: an 8192-token prompt
+        prefills in bounded memory. The soft cap is applied per block, before
+        the running maximum, so the result equals `_attend` up to float
+        rounding. A local layer visits only the key blocks inside its window.
+        """
+        length, chunk = query.shape[1], self.chunk_size
+        window = self.sliding_window_size
+        query = self._group(query)
+        outputs = []
+        for q_start in range(0, length, chunk):
+            q_end = min(q_start + chunk, length)
+            q = query[:, q_start:q_end]
+            k_first = 0 if window is None else max(0, q_start - window + 1)
+            running_max = total = acc = None
+            for k_start in range(k_first, q_end, chunk):
+                k_end = min(k_start + chunk, q_end)
+                scores = self._scores(q, key[:, k_start:k_end])
+                mask = decoder_attention_mask(
+                    q_end - q_start,
+                    k_end - k_start,
+                    start_index=q_start,
+                    padding_mask=None
+                    if padding_mask is None
+                    else padding_mask[:, k_start:k_end],
+                    window_size=window,
+                    key_start_index=k_start,
+                )
+                mask = ops.expand_dims(ops.expand_dims(mask, 1), 1)
+                scores = ops.where(mask, scores, _MASKED_SCORE)
+                block_max = ops.max(scores, axis=-1, keepdims=True)
+                new_max = (
+                    block_max
+                    if running_max is None
+                    else ops.maximum(running_max, block_max)
+                )
+                probs = ops.exp(scores - new_max)
+                block_total = ops.sum(probs, axis=-1, keepdims=True)
+                probs = self.dropout_layer(
+                    ops.cast(probs, self.compute_dtype), training=training
+                )
+                # [b, t, k, g, h]
+                block_out = ops.cast(
+                    ops.einsum(
+                        "bkgts,bskh->btkgh", probs, value[:, k_start:k_end]
+                    ),
+                    "float32",
+                )
+                if running_max is None:
+                    total, acc = block_total, block_out
+                else:
+                    rescale = ops.exp(running_max - new_max)
+                    total = total * rescale
+                    acc = acc * _heads_last(rescale) + block_out
+                    total = total + block_total
+                running_max = new_max
+            outputs.append(
+                ops.cast(acc / _heads_last(total), self.compute_dtype)
+            )
+        return self._output(ops.concatenate(outputs, axis=1))
+
+    def _decode_step(self, query, key, value, cache, index):
+        """One token at position `index`: write the ring, read `capacity`."""
+        key_cache, value_cache = cache
+        capacity = key_cache.shape[1]
+        index = ops.cast(index, "int32")
+        slot = index % capacity
+        key_cache = _write_slot(key_cache, key, slot)
+        value_cache = _write_slot(value_cache, value, slot)
+        # The position held by each slot once `index` is written: the latest
+        # p <= index with p % capacity == slot; negative = never written.
+        slots = ops.arange(capacity, dtype="int32")
+        positions = index - (index - slots) % capacity
+        valid = positions >= 0
+        if self.sliding_window_size is not None:
+            valid = ops.logical_and(
+                valid, index - positions < self.sliding_window_size
+            )
+        mask = ops.reshape(valid, (1, 1, capacity))
+        out = self._attend(query, key_cache, value_cache, mask)
+        return out, (key_cache, value_cache)
 
     def get_config(self):
         config = super().get_config()
@@ -187,9 +333,52 @@ class Gemma2Attention(keras.layers.Layer):
                 "attention_logit_soft_cap": self.attention_logit_soft_cap,
                 "rope_max_wavelength": self.rope_max_wavelength,
                 "dropout": self.dropout,
+                "sliding_window_size": self.sliding_window_size,
             }
         )
         return config
+
+
+def _heads_last(x):
+    """`[b, k, g, t, 1]` -> `[b, t, k, g, 1]`."""
+    return ops.transpose(x, (0, 3, 1, 2, 4))
+
+
+def _fill_ring(key, value, cache, valid_length):
+    """A new ring cache holding the last `capacity` of the first
+    `valid_length` positions of `key`/`value` (`[b, t, k, h]`).
+
+    Later positions of a bucketed prefill are left out: in a ring they would
+    overwrite slots still inside the window of the next decode step.
+    """
+    capacity = cache[0].shape[1]
+    length = ops.shape(key)[1]
+    last = (length if valid_length is None else valid_length) - 1
+    last = ops.cast(last, "int32")
+    slots = ops.arange(capacity, dtype="int32")
+    # Slot s holds the latest position p <= last with p % capacity == s;
+    # slots never written (p < 0) take position 0 and stay masked.
+    positions = ops.maximum(last - ops.mod(last - slots, capacity), 0)
+    return (
+        ops.take(key, positions, axis=1),
+        ops.take(value, positions, axis=1),
+    )
+
+
+def _write_slot(cache, update, slot):
+    """Writes `update` (`[b, 1, k, h]`) at `slot` of `cache` (`[b, c, k, h]`).
+
+    On PyTorch without gradients (generation) the slot is copied in place:
+    Keras' `slice_update` clones the whole cache on torch, every step.
+    """
+    if keras.config.backend() == "torch":
+        import torch
+
+        if not torch.is_grad_enabled():
+            index = torch.as_tensor(slot, device=cache.device)
+            cache.index_copy_(1, index.reshape(1).long(), update)
+            return cache
+    return ops.slice_update(cache, [0, slot, 0, 0], update)
 
 
 def check_head_counts(num_query_heads, num_key_value_heads):

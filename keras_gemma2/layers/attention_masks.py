@@ -40,6 +40,7 @@ def decoder_attention_mask(
     start_index=0,
     padding_mask=None,
     window_size=None,
+    key_start_index=0,
 ):
     """The `[batch or 1, query_length, key_length]` mask of one decoder layer.
 
@@ -51,13 +52,15 @@ def decoder_attention_mask(
         padding_mask: optional `[batch, key_length]` mask of real tokens.
         window_size: optional int. The sliding window of a local layer;
             `None` for a global layer.
+        key_start_index: int. Position of the first key (a block of keys
+            in chunked attention).
     """
     # [q]
     query_positions = ops.arange(query_length, dtype="int32") + ops.cast(
         start_index, "int32"
     )
     # [k]
-    key_positions = ops.arange(key_length, dtype="int32")
+    key_positions = ops.arange(key_length, dtype="int32") + key_start_index
     if window_size is None:
         mask = causal_mask(query_positions, key_positions)
     else:

@@ -4,7 +4,6 @@ import keras
 from keras import ops
 
 from keras_gemma2.layers.attention import Gemma2Attention
-from keras_gemma2.layers.attention_masks import decoder_attention_mask
 from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
 
 
@@ -109,6 +108,9 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             attention_logit_soft_cap=attention_logit_soft_cap,
             rope_max_wavelength=rope_max_wavelength,
             dropout=dropout,
+            sliding_window_size=(
+                sliding_window_size if attention_type == "local" else None
+            ),
             dtype=self.dtype_policy,
             name="attention",
         )
@@ -156,38 +158,30 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         padding_mask=None,
         cache=None,
         cache_update_index=0,
+        valid_length=None,
         training=False,
     ):
         """Runs the block; returns `x`, or `(x, cache)` with a cache.
 
         Args:
             x: `[batch, length, hidden_dim]`.
-            padding_mask: optional `[batch, length]` mask of real tokens
-                (used without a cache).
-            cache: optional `[batch, 2, cache_length, num_key_value_heads,
-                head_dim]`; `x` then holds positions `cache_update_index ...`.
-            cache_update_index: int or int tensor. Position of `x[:, 0]`.
+            padding_mask: optional `[batch, length]` mask of real tokens.
+            cache: optional `(keys, values)` ring of this layer (see
+                `Gemma2Attention`). With one token, `x` is the token at
+                `cache_update_index` (a decode step); with several, `x` holds
+                positions `0 ...` (a prefill) and a new cache is returned.
+            cache_update_index: int or int tensor. Position of a decode step.
+            valid_length: int or int tensor. Leading prefill positions to
+                keep in the cache; defaults to all.
         """
         x = ops.cast(x, self.compute_dtype)
-        query_length = ops.shape(x)[1]
-        if cache is None:
-            key_length, start = query_length, 0
-        else:
-            key_length, start = ops.shape(cache)[2], cache_update_index
-            padding_mask = None
-        attention_mask = decoder_attention_mask(
-            query_length,
-            key_length,
-            start_index=start,
-            padding_mask=padding_mask,
-            window_size=self.window_size,
-        )
         h = self.pre_attention_norm(x)
         h, cache = self.attention(
             h,
-            attention_mask=attention_mask,
+            padding_mask=padding_mask,
             cache=cache,
             cache_update_index=cache_update_index,
+            valid_length=valid_length,
             training=training,
         )
         if self.post_attention_norm is not None:

@@ -1,0 +1,225 @@
+"""Generation machinery: bucketed shapes, compiled steps, text streaming.
+
+`Gemma2CausalLM.generate` runs two compiled functions: a prefill over the
+prompt (its length rounded up to a bucket, not the whole `max_length`) and a
+decoding loop that stops at a dynamic position. Both take the model's
+variables as arguments on JAX, are XLA-compiled on TensorFlow, and run under
+`torch.no_grad()` on PyTorch (where caches are then updated in place).
+Shapes are bucketed so that a chat, whose prompts grow by a few tokens each
+turn, compiles once per bucket and not once per message.
+"""
+
+import functools
+import itertools
+
+import keras
+import numpy as np
+from keras import ops
+
+# Prompt and total lengths round up to powers of two from this size ...
+_MIN_BUCKET = 16
+# ... up to this size, then to multiples of it.
+_LARGE_BUCKET = 1024
+
+
+def bucket_length(length):
+    """The compiled length for `length` tokens.
+
+    Example:
+    >>> [bucket_length(n) for n in (1, 16, 17, 300, 1024, 1025, 3000)]
+    [16, 16, 32, 512, 1024, 2048, 3072]
+    """
+    if length <= _LARGE_BUCKET:
+        size = _MIN_BUCKET
+        while size < length:
+            size *= 2
+        return size
+    return -(-length // _LARGE_BUCKET) * _LARGE_BUCKET
+
+
+def compile_function(model, fn, static_argnames=()):
+    """`fn(*tensors, **static)` compiled with `model`'s state as inputs.
+
+    JAX: `jax.jit`, with the model's and its sampler's variables passed in
+    (as KerasHub's `make_generate_function` does) and the sampler's seed
+    written back. TensorFlow: `tf.function(jit_compile=True)`. PyTorch:
+    eager under `torch.no_grad()`. Each traces once per input shape and
+    static value.
+    """
+    backend = keras.config.backend()
+    if backend == "torch":
+        import torch
+
+        def torch_function(*args, **static):
+            with torch.no_grad():
+                return fn(*args, **static)
+
+        return torch_function
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=getattr(model, "jit_compile", True))
+    if backend != "jax":
+        return fn
+    import jax
+
+    @functools.partial(jax.jit, static_argnames=tuple(static_argnames))
+    def jitted(state, *args, **static):
+        sampler_values, trainable, non_trainable = state
+        sampler = model.sampler
+        mapping = itertools.chain(
+            zip(sampler.variables, sampler_values),
+            zip(model.trainable_variables, trainable),
+            zip(model.non_trainable_variables, non_trainable),
+        )
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            outputs = fn(*args, **static)
+        sampler_values = []
+        for variable in sampler.variables:
+            value = scope.get_current_value(variable)
+            sampler_values.append(variable if value is None else value)
+        return outputs, sampler_values
+
+    def jax_function(*args, **static):
+        sampler = model.sampler
+        state = (
+            [v.value for v in sampler.variables],
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+        )
+        outputs, sampler_values = jitted(state, *args, **static)
+        for variable, value in zip(sampler.variables, sampler_values):
+            variable.assign(value)
+        return outputs
+
+    return jax_function
+
+
+def picks_one_token_per_step(sampler):
+    """Whether `sampler` decides each token as it goes (greedy, top-k, ...).
+
+    Beam and contrastive search override `Sampler.__call__` with their own
+    loop; they run through KerasHub's loop and cannot stream.
+    """
+    from keras_hub.samplers import Sampler
+
+    return type(sampler).__call__ is Sampler.__call__
+
+
+def decode_loop(
+    model,
+    token_ids,
+    prompt_mask,
+    cache,
+    index,
+    done,
+    limits,
+    stop_at,
+    stop_token_ids=None,
+):
+    """Samples tokens at `index, index + 1, ...` until `stop_at` or all done.
+
+    KerasHub's `Sampler.__call__` loop, with two differences that let one
+    compiled loop serve bucketed lengths and streaming: it stops at a dynamic
+    position `stop_at` and at per-row `limits` (`max_new_tokens`), and it
+    carries `done` between calls.
+
+    Args:
+        model: the `Gemma2CausalLM`; its `sampler` picks the tokens.
+        token_ids: `[batch, length]` int32, prompts right-padded.
+        prompt_mask: `[batch, length]` bool, True on prompt tokens (kept).
+        cache: the per-layer caches after a prefill or an earlier call.
+        index: int32 scalar: the next position to fill.
+        done: `[batch]` bool: rows that stopped.
+        limits: `[batch]` int32: each row stops once it reaches this length.
+        stop_at: int32 scalar: return before filling this position.
+        stop_token_ids: tuple of ids that end a row, or None.
+
+    Returns:
+        `(token_ids, cache, index, done)`.
+    """
+    sampler = model.sampler
+    batch_size = ops.shape(token_ids)[0]
+
+    def cond(token_ids, cache, index, done):
+        return ops.logical_and(
+            index < stop_at, ops.logical_not(ops.all(done))
+        )
+
+    def body(token_ids, cache, index, done):
+        # Position `index - 1` is fed to predict position `index`.
+        previous = ops.slice(token_ids, [0, index - 1], [batch_size, 1])
+        logits, _, cache = model.call_with_cache(previous, cache, index - 1)
+        probabilities = sampler.compute_probabilities(logits[:, 0, :])
+        next_token = ops.cast(
+            sampler.get_next_token(probabilities), token_ids.dtype
+        )
+        in_prompt = prompt_mask[:, index]
+        next_token = ops.where(in_prompt, token_ids[:, index], next_token)
+        token_ids = ops.slice_update(
+            token_ids, [0, index], ops.expand_dims(next_token, 1)
+        )
+        finished = index + 1 >= limits
+        if stop_token_ids is not None:
+            stopped = ops.zeros_like(in_prompt)
+            for stop_id in stop_token_ids:
+                stopped = ops.logical_or(stopped, next_token == stop_id)
+            finished = ops.logical_or(
+                finished, ops.logical_and(stopped, ops.logical_not(in_prompt))
+            )
+        return token_ids, cache, index + 1, ops.logical_or(done, finished)
+
+    return tuple(
+        sampler.run_loop(
+            cond,
+            body,
+            loop_vars=(token_ids, cache, index, done),
+            model=model,
+        )
+    )
+
+
+def output_mask(token_ids, prompt_mask, stop_token_ids, limits):
+    """Numpy `[batch, length]` mask of the kept tokens of a generation.
+
+    Prompt tokens, and generated tokens up to and including the first stop
+    token, below each row's limit.
+    """
+    positions = np.arange(token_ids.shape[1])[None, :]
+    kept = positions < np.asarray(limits)[:, None]
+    if stop_token_ids:
+        is_stop = np.isin(token_ids, stop_token_ids) & ~prompt_mask
+        # True strictly after the first stop token of the row.
+        after_stop = (np.cumsum(is_stop, axis=1) - is_stop) > 0
+        kept &= ~after_stop
+    return kept | prompt_mask
+
+
+class TextStream:
+    """Turns a growing list of token ids into new text, piece by piece.
+
+    SentencePiece decodes a token differently depending on its neighbours
+    (a leading space, bytes of one character split across tokens), so the
+    whole continuation is detokenized each time and only the new suffix is
+    yielded; text ending in an incomplete character waits for more tokens.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids = []
+        self.text = ""
+
+    def push(self, ids):
+        """Adds token ids; returns the text they complete (maybe "")."""
+        self.ids.extend(int(i) for i in ids)
+        text = self.tokenizer.detokenize(np.asarray(self.ids, "int32"))
+        if hasattr(text, "numpy"):
+            text = text.numpy()
+        if isinstance(text, np.ndarray):
+            text = text.item()
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""
+        new, self.text = text[len(self.text) :], text
+        return new

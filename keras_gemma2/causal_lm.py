@@ -171,7 +171,11 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
             )
         else:
             token_ids = self._search(
-                token_ids, prompt_mask, cache, index, hidden_states,
+                token_ids,
+                prompt_mask,
+                cache,
+                index,
+                hidden_states,
                 stop_token_ids,
             )
         # Keep the prompt and each row's tokens up to its first stop token.
@@ -192,7 +196,12 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         }
 
     def _search(
-        self, token_ids, prompt_mask, cache, index, hidden_states,
+        self,
+        token_ids,
+        prompt_mask,
+        cache,
+        index,
+        hidden_states,
         stop_token_ids,
     ):
         """Beam or contrastive search: KerasHub's own sampler loop."""
@@ -293,8 +302,9 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
             stop_token_ids = tuple(int(i) for i in stop_token_ids)
 
         if stream:
-            return self._check_stream(inputs, max_length, max_new_tokens,
-                                      stop_token_ids)
+            return self._check_stream(
+                inputs, max_length, max_new_tokens, stop_token_ids
+            )
         if _is_dataset(inputs):
             if max_new_tokens is not None:
                 raise ValueError(

@@ -142,9 +142,7 @@ def decode_loop(
     batch_size = ops.shape(token_ids)[0]
 
     def cond(token_ids, cache, index, done):
-        return ops.logical_and(
-            index < stop_at, ops.logical_not(ops.all(done))
-        )
+        return ops.logical_and(index < stop_at, ops.logical_not(ops.all(done)))
 
     def body(token_ids, cache, index, done):
         # Position `index - 1` is fed to predict position `index`.

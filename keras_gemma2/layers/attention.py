@@ -208,7 +208,9 @@ class Gemma2Attention(keras.layers.Layer):
 
     def _scores(self, query, key):
         """Soft-capped float32 scores `[b, k, g, t, s]`."""
-        scores = ops.cast(ops.einsum("btkgh,bskh->bkgts", query, key), "float32")
+        scores = ops.cast(
+            ops.einsum("btkgh,bskh->bkgts", query, key), "float32"
+        )
         if self.attention_logit_soft_cap is not None:
             cap = self.attention_logit_soft_cap
             scores = ops.tanh(scores / cap) * cap

@@ -46,6 +46,27 @@ def compile_function(model, fn, static_argnames=()):
     eager under `torch.no_grad()`. Each traces once per input shape and
     static value.
     """
+    fn = _count_traces(fn)
+    compiled = _compile(model, fn, static_argnames)
+    compiled.traces = 0
+    fn.owner = compiled
+    return compiled
+
+
+def _count_traces(fn):
+    """Wraps `fn` to count its Python runs (traces when compiled) in
+    `compiled.traces`: the tests check that repeated shapes never
+    recompile."""
+
+    @functools.wraps(fn)
+    def counted(*args, **kwargs):
+        counted.owner.traces += 1
+        return fn(*args, **kwargs)
+
+    return counted
+
+
+def _compile(model, fn, static_argnames):
     backend = keras.config.backend()
     if backend == "torch":
         import torch
@@ -58,9 +79,20 @@ def compile_function(model, fn, static_argnames=()):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=getattr(model, "jit_compile", True))
+        function = tf.function(
+            fn, jit_compile=getattr(model, "jit_compile", True)
+        )
+
+        def tf_function(*args, **static):
+            return function(*args, **static)
+
+        return tf_function
     if backend != "jax":
-        return fn
+
+        def eager_function(*args, **static):
+            return fn(*args, **static)
+
+        return eager_function
     import jax
 
     @functools.partial(jax.jit, static_argnames=tuple(static_argnames))

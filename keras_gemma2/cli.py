@@ -41,6 +41,32 @@ def build_parser():
     generate.add_argument(
         "--seed", type=int, default=None, help="Seed for the sampler."
     )
+    chat = commands.add_parser(
+        "chat",
+        help="Chat with an instruction-tuned preset; replies stream as they "
+        "are generated. /reset forgets the conversation, /exit ends it.",
+    )
+    chat.add_argument(
+        "--preset",
+        default="gemma2_tiny_en",
+        help="A registered preset name or folder, e.g. gemma2_instruct_2b_en "
+        "(default: the bundled gemma2_tiny_en, which is not instruction-"
+        "tuned).",
+    )
+    chat.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="The longest reply, in tokens (default: 256).",
+    )
+    chat.add_argument(
+        "--system", help="Text prepended to the first user message."
+    )
+    chat.add_argument(
+        "--sampler", choices=SAMPLERS, default="greedy", help="default: greedy"
+    )
+    chat.add_argument("--backend", choices=BACKENDS, help="Keras backend.")
+    chat.add_argument("--seed", type=int, default=None, help="Sampler seed.")
     convert = commands.add_parser(
         "convert",
         help="Convert a Gemma 2 checkpoint (keras_gemma2, KerasHub or "
@@ -89,6 +115,31 @@ def _generate(args):
     print(lm.generate(args.prompt, max_length=args.max_length))
 
 
+def _chat(args):
+    import keras
+
+    import keras_gemma2
+    from keras_gemma2.chat import chat
+
+    if args.seed is not None:
+        keras.utils.set_random_seed(args.seed)
+    lm = keras_gemma2.Gemma2CausalLM.from_preset(args.preset)
+    lm.compile(sampler=args.sampler)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {args.preset}. /reset forgets, /exit ends.")
+
+    def read():
+        return input("> " if interactive else "")
+
+    chat(
+        lm,
+        input_fn=read,
+        max_new_tokens=args.max_new_tokens,
+        system=args.system,
+    )
+
+
 def _convert(args):
     import keras
 
@@ -128,11 +179,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "generate" and args.max_length < 2:
         raise SystemExit("keras-gemma2: --max-length must be at least 2.")
+    if args.command == "chat" and args.max_new_tokens < 1:
+        raise SystemExit("keras-gemma2: --max-new-tokens must be at least 1.")
     _select_backend(getattr(args, "backend", None))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         if args.command == "convert":
             _convert(args)
+        elif args.command == "chat":
+            _chat(args)
         else:
             _generate(args)
     except (

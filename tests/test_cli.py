@@ -83,3 +83,44 @@ def test_convert_a_hugging_face_checkpoint(tmp_path):
     again = _run("convert", str(tmp_path / "hf"), str(out))
     assert again.returncode != 0
     assert "not empty" in again.stderr
+
+
+def test_chat_streams_replies_turn_by_turn():
+    import keras_gemma2
+
+    backend = keras.config.backend()
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keras_gemma2",
+            "chat",
+            "--max-new-tokens",
+            "6",
+            "--backend",
+            backend,
+        ],
+        input="What is a tokenizer?\n\nAnd a parser?\n/exit\nignored\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # The same turns through the library: one reply per user message, the
+    # second one seeing the first exchange.
+    lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+    messages = [{"role": "user", "content": "What is a tokenizer?"}]
+    first = lm.generate(
+        keras_gemma2.format_chat(messages), max_new_tokens=6, strip_prompt=True
+    )
+    messages += [
+        {"role": "model", "content": first},
+        {"role": "user", "content": "And a parser?"},
+    ]
+    second = lm.generate(
+        keras_gemma2.format_chat(messages), max_new_tokens=6, strip_prompt=True
+    )
+    assert first and second
+    assert result.stdout == f"{first}\n{second}\n"

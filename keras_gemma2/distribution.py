@@ -157,7 +157,8 @@ def kv_cache_layout(
     model_parallel_dim_name="model",
     data_parallel_dim_name="batch",
 ):
-    """The layout of one layer's cache `[batch, 2, length, k, h]`.
+    """The layout of one layer's cached keys (or values), `[batch, length,
+    k, h]`.
 
     Batch on the data axis; key/value heads on the model axis when it
     divides them, else head_dim, as the key/value projections.
@@ -169,11 +170,11 @@ def kv_cache_layout(
     model_size = device_mesh.shape[names.index(model_parallel_dim_name)]
     plan = plan_layouts(architecture, model_size)
     _, sharded = plan["attention/key/kernel"]
-    layout = [data_parallel_dim_name, None, None, None, None]
+    layout = [data_parallel_dim_name, None, None, None]
     if sharded == 0:
-        layout[3] = model_parallel_dim_name
+        layout[2] = model_parallel_dim_name
     elif sharded == 2:
-        layout[4] = model_parallel_dim_name
+        layout[3] = model_parallel_dim_name
     return keras.distribution.TensorLayout(tuple(layout), device_mesh)
 
 
@@ -182,6 +183,65 @@ def kv_cache_layout(
 _BYTES = {"bfloat16": 2, "float32": 4}
 # Adam keeps two moments; gradients one more copy: per trainable parameter.
 _LORA_TRAIN_COPIES = 4
+
+
+def kv_cache_bytes(
+    architecture,
+    sequence_length=8192,
+    batch_size=1,
+    dtype="bfloat16",
+    ring=True,
+):
+    """Bytes of the keys and values cached to generate `sequence_length`.
+
+    With `ring=True` (what `Gemma2CausalLM.generate` keeps), local layers
+    hold only their window and global layers every position; `ring=False`
+    gives a full-length cache on every layer, as KerasHub 0.32 keeps.
+
+    Example:
+    ```python
+    from keras_gemma2.architectures import GEMMA2_27B
+    from keras_gemma2.distribution import kv_cache_bytes
+    kv_cache_bytes(GEMMA2_27B, 8192) / kv_cache_bytes(GEMMA2_27B, 8192,
+                                                     ring=False)  # 0.75
+    ```
+    """
+    from keras_gemma2.layers.attention_masks import attention_layer_types
+
+    sizes = _sizes(architecture)
+    window = architecture.get("sliding_window_size", 4096)
+    types = attention_layer_types(
+        architecture["num_layers"],
+        architecture.get("use_sliding_window_attention", True),
+    )
+    positions = sum(
+        min(window, sequence_length)
+        if ring and kind == "local"
+        else sequence_length
+        for kind in types
+    )
+    per_position = 2 * batch_size * sizes["k"] * sizes["h"] * _BYTES[dtype]
+    return positions * per_position
+
+
+def kv_cache_table(lengths=(2048, 4096, 8192), dtype="bfloat16"):
+    """Markdown: KV-cache GiB at batch 1, ours vs a full-length cache."""
+    from keras_gemma2.architectures import ARCHITECTURES
+
+    head = "| size | " + " | ".join(
+        f"{n // 1024}k ours | {n // 1024}k full" for n in lengths
+    )
+    rows = [head + " |", "|---|" + "---|---|" * len(lengths)]
+    for size, architecture in ARCHITECTURES.items():
+        cells = []
+        for length in lengths:
+            for ring in (True, False):
+                nbytes = kv_cache_bytes(
+                    architecture, length, dtype=dtype, ring=ring
+                )
+                cells.append(f"{nbytes / 2**30:.2f}")
+        rows.append(f"| {size} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def memory_bytes(
@@ -194,8 +254,8 @@ def memory_bytes(
 ):
     """Estimated bytes to generate with, or LoRA fine-tune, an architecture.
 
-    `generate`: weights plus a full-length KV cache (global and local
-    layers alike, as `Gemma2CausalLM.generate` keeps today).
+    `generate`: weights plus the KV cache of `kv_cache_bytes` (local
+    layers keep only their window).
     `lora`: weights, float32 LoRA adapters on query and value with Adam
     state and gradients, and per-layer activations kept for the backward
     pass (`batch * length * (hidden * 14 + heads * length)` values a
@@ -217,8 +277,9 @@ def memory_bytes(
     layers = architecture["num_layers"]
     weights = abstract_parameter_count(architecture) * width
     if mode == "generate":
-        cache = 2 * layers * batch_size * sequence_length * sizes["k"]
-        return weights + cache * sizes["h"] * width
+        return weights + kv_cache_bytes(
+            architecture, sequence_length, batch_size, dtype
+        )
     # LoRA on query [n, d, h] and value [k, d, h]: a [.., d, r] and [r, h].
     per_layer = (sizes["n"] + sizes["k"]) * (
         sizes["d"] * lora_rank + lora_rank * sizes["h"]

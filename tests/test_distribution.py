@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
+import keras_gemma2
 from keras_gemma2 import distribution
 from keras_gemma2.architectures import ARCHITECTURES
 from keras_gemma2.architectures import abstract_parameter_count
@@ -49,7 +51,7 @@ class PlanTest(TestCase):
             (1, 1), ("batch", "model"), devices
         )
         layout = distribution.kv_cache_layout(references.TINY_KWARGS, mesh)
-        self.assertEqual(tuple(layout.axes), ("batch", None, None, None, None))
+        self.assertEqual(tuple(layout.axes), ("batch", None, None, None))
         # Sizes only: 4 devices divide the tiny head_dim 8, not its 2 heads.
         plan = distribution.plan_layouts(references.TINY_KWARGS, 4)
         self.assertEqual(plan["attention/key/kernel"][1], 2)
@@ -77,13 +79,45 @@ class TorchTest(TestCase):
 
 
 class MemoryTest(TestCase):
-    def test_generate_is_weights_plus_full_cache(self):
+    def test_generate_is_weights_plus_a_window_sized_local_cache(self):
         a = ARCHITECTURES["9b"]
         weights = abstract_parameter_count(a) * 2
-        cache = 2 * a["num_layers"] * 8192 * a["num_key_value_heads"] * 256
+        # 21 local layers keep 4096 positions, 21 global ones 8192.
+        positions = 21 * 4096 + 21 * 8192
+        cache = 2 * positions * a["num_key_value_heads"] * 256 * 2
         self.assertEqual(
-            distribution.memory_bytes(a, "generate"), weights + cache * 2
+            distribution.memory_bytes(a, "generate"), weights + cache
         )
+
+    def test_27b_cache_at_8k_is_three_quarters_of_full_length(self):
+        a = ARCHITECTURES["27b"]
+        ours = distribution.kv_cache_bytes(a, 8192)
+        full = distribution.kv_cache_bytes(a, 8192, ring=False)
+        self.assertEqual(ours / full, 0.75)
+        # Below the window the two are the same.
+        self.assertEqual(
+            distribution.kv_cache_bytes(a, 4096),
+            distribution.kv_cache_bytes(a, 4096, ring=False),
+        )
+
+    def test_cache_bytes_are_what_generation_allocates(self):
+        backbone = keras_gemma2.Gemma2Backbone(
+            **references.TINY_KWARGS, dtype="float32"
+        )
+        cache = backbone.init_cache(3, 10)
+        allocated = sum(
+            int(np.prod(keras.ops.shape(t))) * 4 for pair in cache for t in pair
+        )
+        self.assertEqual(
+            allocated,
+            distribution.kv_cache_bytes(
+                references.TINY_KWARGS, 10, batch_size=3, dtype="float32"
+            ),
+        )
+
+    def test_readme_cache_table_is_the_computed_one(self):
+        readme = (ROOT / "README.md").read_text()
+        self.assertIn(distribution.kv_cache_table(), readme)
 
     def test_devices_needed_is_the_ceiling(self):
         a = ARCHITECTURES["27b"]
@@ -124,4 +158,4 @@ def test_model_parallel_matches_one_device():
         assert numbers["placed_as_planned"], mesh
         assert numbers["sharded_weights"] > 0, mesh
         # 2 key/value heads: the cache splits head_dim over the model axis.
-        assert numbers["cache_axes"] == ["batch", None, None, None, "model"]
+        assert numbers["cache_axes"] == ["batch", None, None, "model"]

@@ -1,5 +1,6 @@
 """Every `Example:` in a public docstring runs as written."""
 
+import doctest
 import inspect
 import re
 
@@ -10,6 +11,7 @@ import pytest
 import keras_gemma2
 from keras_gemma2 import architectures
 from keras_gemma2 import distribution
+from keras_gemma2 import generation
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2.layers import attention_masks
 
@@ -30,6 +32,9 @@ PUBLIC = [
     keras_gemma2.Gemma2Backbone.get_layout_map,
     distribution.get_layout_map,
     distribution.memory_bytes,
+    distribution.kv_cache_bytes,
+    keras_gemma2.Gemma2Backbone.cache_capacities,
+    keras_gemma2.format_chat,
 ]
 
 
@@ -59,10 +64,16 @@ def test_examples_run(obj):
         exec(compile(example, obj.__qualname__, "exec"), namespace)
 
 
-def test_attention_layer_types_doctest():
-    assert attention_masks.attention_layer_types(4) == (
-        "local",
-        "global",
-        "local",
-        "global",
-    )
+@pytest.mark.parametrize(
+    "obj",
+    [attention_masks.attention_layer_types, generation.bucket_length],
+    ids=lambda o: o.__qualname__,
+)
+def test_doctests(obj):
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner()
+    tests = finder.find(obj, obj.__qualname__, globs={obj.__name__: obj})
+    assert tests and tests[0].examples
+    for test in tests:
+        runner.run(test)
+    assert runner.failures == 0

@@ -66,8 +66,15 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         sampler="greedy",
         **kwargs,
     ):
-        """Like `CausalLM.compile`, with greedy sampling by default."""
+        """Like `CausalLM.compile`, with greedy sampling by default.
+
+        `generate` is XLA-compiled on JAX and TensorFlow unless
+        `jit_compile=False` is passed here (Keras' `"auto"` turns XLA off
+        for training on a CPU-only TensorFlow; generation keeps it, since
+        its loop is many times faster compiled).
+        """
         self._compiled_generation = None
+        self._generate_jit_compile = kwargs.get("jit_compile") is not False
         super().compile(
             optimizer=optimizer,
             loss=loss,

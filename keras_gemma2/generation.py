@@ -42,7 +42,8 @@ def compile_function(model, fn, static_argnames=()):
 
     JAX: `jax.jit`, with the model's and its sampler's variables passed in
     (as KerasHub's `make_generate_function` does) and the sampler's seed
-    written back. TensorFlow: `tf.function(jit_compile=True)`. PyTorch:
+    written back. TensorFlow: `tf.function(jit_compile=True)` unless the
+    model was compiled with `jit_compile=False`. PyTorch:
     eager under `torch.no_grad()`. Each traces once per input shape and
     static value.
     """
@@ -80,7 +81,7 @@ def _compile(model, fn, static_argnames):
         import tensorflow as tf
 
         function = tf.function(
-            fn, jit_compile=getattr(model, "jit_compile", True)
+            fn, jit_compile=getattr(model, "_generate_jit_compile", True)
         )
 
         def tf_function(*args, **static):

@@ -5,6 +5,7 @@ from keras import ops
 from keras_hub.models import Backbone
 
 from keras_gemma2 import presets as presets_lib
+from keras_gemma2.layers import direct
 from keras_gemma2.layers.attention import check_head_counts
 from keras_gemma2.layers.attention_masks import attention_layer_types
 from keras_gemma2.layers.decoder_block import Gemma2DecoderBlock
@@ -142,7 +143,7 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
         x = self.embed(token_ids)
         for block in self.transformer_layers:
             x = block(x, padding_mask=padding_mask)
-        sequence_output = self.final_normalization(x)
+        sequence_output = direct.call(self.final_normalization, x)
         super().__init__(
             inputs={"token_ids": token_ids, "padding_mask": padding_mask},
             outputs=sequence_output,
@@ -171,11 +172,11 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
 
     def embed(self, token_ids):
         """Token ids `[b, t]` -> embeddings scaled by sqrt(hidden_dim)."""
-        return self.token_embedding(token_ids)
+        return direct.call(self.token_embedding, token_ids)
 
     def logits(self, hidden_states):
         """Hidden states `[b, t, d]` -> soft-capped logits `[b, t, vocab]`."""
-        return self.token_embedding(hidden_states, reverse=True)
+        return direct.call(self.token_embedding, hidden_states, reverse=True)
 
     def decode(self, x, caches, cache_update_index, valid_length=None):
         """Runs the blocks over `x` with per-layer caches.
@@ -188,14 +189,15 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
         """
         new_caches = []
         for block, cache in zip(self.transformer_layers, caches):
-            x, cache = block(
+            x, cache = direct.call(
+                block,
                 x,
                 cache=cache,
                 cache_update_index=cache_update_index,
                 valid_length=valid_length,
             )
             new_caches.append(cache)
-        return self.final_normalization(x), new_caches
+        return direct.call(self.final_normalization, x), new_caches
 
     def cache_capacities(self, max_length):
         """Positions each layer's cache holds when generating `max_length`.

@@ -44,7 +44,8 @@ def compile_function(model, fn, static_argnames=()):
     (as KerasHub's `make_generate_function` does) and the sampler's seed
     written back. TensorFlow: `tf.function(jit_compile=True)` unless the
     model was compiled with `jit_compile=False`. PyTorch:
-    eager under `torch.no_grad()`. Each traces once per input shape and
+    eager under `torch.no_grad()`, calling sublayers directly
+    (`layers.direct`). Each traces once per input shape and
     static value.
     """
     fn = _count_traces(fn)
@@ -72,8 +73,10 @@ def _compile(model, fn, static_argnames):
     if backend == "torch":
         import torch
 
+        from keras_gemma2.layers.direct import direct_calls
+
         def torch_function(*args, **static):
-            with torch.no_grad():
+            with torch.no_grad(), direct_calls():
                 return fn(*args, **static)
 
         return torch_function

@@ -240,3 +240,38 @@ class StreamTest(TestCase):
         stream = generation.TextStream(tokenizer)
         text = "".join(stream.push([i]) for i in ids)
         self.assertEqual(text, "naïve café ✓ done")
+
+
+class DirectCallsTest(TestCase):
+    def test_direct_calls_give_identical_decode_steps(self):
+        from keras_gemma2.layers.direct import direct_calls
+
+        _, lm = _lm()
+        token_ids = references.random_token_ids(1, 9, seed=10)
+
+        def run():
+            cache = lm.backbone.init_cache(1, 9)
+            _, _, cache = lm.call_with_cache(token_ids[:, :5], cache, 0)
+            steps = []
+            for t in range(5, 9):
+                logits, _, cache = lm.call_with_cache(
+                    token_ids[:, t : t + 1], cache, t
+                )
+                steps.append(keras.ops.convert_to_numpy(logits))
+            return np.concatenate(steps, axis=1)
+
+        expected = run()
+        with direct_calls():
+            actual = run()
+        np.testing.assert_array_equal(actual, expected)
+
+    def test_mixed_precision_layers_keep_keras_call(self):
+        from keras_gemma2.layers import direct
+
+        layer = keras.layers.Dense(2, dtype="mixed_bfloat16")
+        layer.build((None, 3))
+        x = np.ones((1, 3), "float32")
+        with direct.direct_calls():
+            y = direct.call(layer, x)
+        # Keras' __call__ casts the float32 input to bfloat16 compute.
+        self.assertEqual(keras.backend.standardize_dtype(y.dtype), "bfloat16")

@@ -9,6 +9,7 @@ import keras
 from keras import ops
 from keras_hub.layers import RotaryEmbedding
 
+from keras_gemma2.layers import direct
 from keras_gemma2.layers.attention_masks import decoder_attention_mask
 
 # Finite, so that a fully masked row (a padded query) gives a uniform softmax
@@ -175,11 +176,15 @@ class Gemma2Attention(keras.layers.Layer):
         decoding = cache is not None and isinstance(length, int) and length == 1
         start = cache_update_index if decoding else 0
         # [b, t, n, h]
-        query = self.rotary(self.query(x), start_index=start)
+        query = direct.call(
+            self.rotary, direct.call(self.query, x), start_index=start
+        )
         query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
         # [b, t, k, h]
-        key = self.rotary(self.key(x), start_index=start)
-        value = self.value(x)
+        key = direct.call(
+            self.rotary, direct.call(self.key, x), start_index=start
+        )
+        value = direct.call(self.value, x)
         if decoding:
             return self._decode_step(query, key, value, cache, start)
         if attention_mask is not None:
@@ -196,7 +201,7 @@ class Gemma2Attention(keras.layers.Layer):
         out = ops.reshape(
             out, (batch, length, self.num_query_heads, self.head_dim)
         )
-        return self.attention_output(out)
+        return direct.call(self.attention_output, out)
 
     def _group(self, query):
         """`[b, t, n, h]` -> `[b, t, k, g, h]`."""
@@ -224,7 +229,7 @@ class Gemma2Attention(keras.layers.Layer):
         mask = ops.expand_dims(ops.expand_dims(attention_mask, 1), 1)
         scores = ops.where(mask, scores, _MASKED_SCORE)
         probs = ops.cast(ops.softmax(scores, axis=-1), self.compute_dtype)
-        probs = self.dropout_layer(probs, training=training)
+        probs = direct.call(self.dropout_layer, probs, training=training)
         return self._output(ops.einsum("bkgts,bskh->btkgh", probs, value))
 
     def _self_attend(self, query, key, value, padding_mask, training):
@@ -280,8 +285,10 @@ class Gemma2Attention(keras.layers.Layer):
                 )
                 probs = ops.exp(scores - new_max)
                 block_total = ops.sum(probs, axis=-1, keepdims=True)
-                probs = self.dropout_layer(
-                    ops.cast(probs, self.compute_dtype), training=training
+                probs = direct.call(
+                    self.dropout_layer,
+                    ops.cast(probs, self.compute_dtype),
+                    training=training,
                 )
                 # [b, t, k, g, h]
                 block_out = ops.cast(

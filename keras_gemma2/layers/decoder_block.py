@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_gemma2.layers import direct
 from keras_gemma2.layers.attention import Gemma2Attention
 from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
 
@@ -175,8 +176,9 @@ class Gemma2DecoderBlock(keras.layers.Layer):
                 keep in the cache; defaults to all.
         """
         x = ops.cast(x, self.compute_dtype)
-        h = self.pre_attention_norm(x)
-        h, cache = self.attention(
+        h = direct.call(self.pre_attention_norm, x)
+        h, cache = direct.call(
+            self.attention,
             h,
             padding_mask=padding_mask,
             cache=cache,
@@ -185,16 +187,20 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             training=training,
         )
         if self.post_attention_norm is not None:
-            h = self.post_attention_norm(h)
-        x = x + self.dropout_layer(h, training=training)
+            h = direct.call(self.post_attention_norm, h)
+        x = x + direct.call(self.dropout_layer, h, training=training)
 
-        h = self.pre_ffw_norm(x)
+        h = direct.call(self.pre_ffw_norm, x)
         # GeGLU with the tanh approximation of GeLU, as Gemma was trained.
-        gate = keras.activations.gelu(self.ffw_gating(h), approximate=True)
-        h = self.ffw_linear(gate * self.ffw_gating_2(h))
+        gate = keras.activations.gelu(
+            direct.call(self.ffw_gating, h), approximate=True
+        )
+        h = direct.call(
+            self.ffw_linear, gate * direct.call(self.ffw_gating_2, h)
+        )
         if self.post_ffw_norm is not None:
-            h = self.post_ffw_norm(h)
-        x = x + self.dropout_layer(h, training=training)
+            h = direct.call(self.post_ffw_norm, h)
+        x = x + direct.call(self.dropout_layer, h, training=training)
         if cache is None:
             return x
         return x, cache

@@ -35,6 +35,8 @@ PUBLIC = [
     distribution.kv_cache_bytes,
     keras_gemma2.Gemma2Backbone.cache_capacities,
     keras_gemma2.format_chat,
+    keras_gemma2.data.load_instructions,
+    keras_gemma2.data.as_chat,
 ]
 
 

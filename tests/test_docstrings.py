@@ -37,6 +37,10 @@ PUBLIC = [
     keras_gemma2.format_chat,
     keras_gemma2.data.load_instructions,
     keras_gemma2.data.as_chat,
+    keras_gemma2.lora.enable,
+    keras_gemma2.lora.save_adapters,
+    keras_gemma2.lora.load_adapters,
+    keras_gemma2.lora.merge,
 ]
 
 

@@ -1,0 +1,302 @@
+"""LoRA adapters: targets and alpha, adapter files, merge and unmerge.
+
+Built on Keras' own `EinsumDense.enable_lora`; what is ours is the file
+format (a small safetensors file keyed by weight path, with the rank, alpha,
+targets and the architecture it was trained on), loading that checks
+everything before assigning anything, and merging that can be undone.
+
+```python
+lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+keras_gemma2.lora.enable(lm.backbone, rank=4, alpha=8)
+# ... lm.fit(...) ...
+keras_gemma2.lora.save_adapters(lm.backbone, "adapters.safetensors")
+```
+"""
+
+import json
+import os
+
+import numpy as np
+
+# Our EinsumDense names inside each decoder block.
+ATTENTION_TARGETS = ("query", "key", "value", "attention_output")
+FFN_TARGETS = ("ffw_gating", "ffw_gating_2", "ffw_linear")
+ALL_TARGETS = ATTENTION_TARGETS + FFN_TARGETS
+DEFAULT_TARGETS = ("query", "value")
+# The backbone config an adapter file must match.
+_ARCHITECTURE_KEYS = (
+    "vocabulary_size",
+    "num_layers",
+    "num_query_heads",
+    "num_key_value_heads",
+    "hidden_dim",
+    "intermediate_dim",
+    "head_dim",
+)
+_FORMAT = "keras_gemma2.lora/1"
+
+
+def enable(backbone, rank, alpha=None, targets=DEFAULT_TARGETS):
+    """Freezes the backbone and adds LoRA adapters to the target matrices.
+
+    Args:
+        backbone: a `Gemma2Backbone`.
+        rank: int. The adapters' rank.
+        alpha: float. Adapter outputs are scaled by `alpha / rank`; defaults
+            to `rank` (a scale of 1).
+        targets: names among `"query"`, `"key"`, `"value"`,
+            `"attention_output"`, `"ffw_gating"`, `"ffw_gating_2"`,
+            `"ffw_linear"`, or `"all"`. Defaults to query and value.
+
+    Example:
+    ```python
+    backbone = keras_gemma2.Gemma2Backbone.from_preset("gemma2_tiny_en")
+    keras_gemma2.lora.enable(backbone, rank=4, alpha=8, targets="all")
+    ```
+    """
+    targets = _check_targets(targets)
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"`rank` must be a positive int; got {rank!r}.")
+    if getattr(backbone, "_lora_enabled_layers", None):
+        raise ValueError(
+            "LoRA is already enabled on this backbone; enable it once, on a "
+            "fresh model."
+        )
+    backbone.trainable = True
+    for layer in backbone._flatten_layers(include_self=False):
+        layer.trainable = False
+    enabled = []
+    for block in backbone.transformer_layers:
+        for name in targets:
+            layer = _target_layer(block, name)
+            layer.trainable = True
+            layer.enable_lora(rank, lora_alpha=alpha)
+            enabled.append(layer)
+    # KerasHub's bookkeeping, so that its own LoRA helpers see the layers.
+    backbone._lora_enabled_layers = enabled
+    backbone._lora_rank = rank
+    backbone._lora_targets = targets
+
+
+def adapter_variables(backbone):
+    """`{weight path: variable}` of every LoRA matrix, in layer order."""
+    found = {}
+    for layer in backbone._flatten_layers(include_self=False):
+        if getattr(layer, "lora_enabled", False) or _merged(layer):
+            for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
+                found[variable.path] = variable
+    return found
+
+
+def save_adapters(backbone, path):
+    """Writes only the LoRA matrices, keyed by weight path, atomically.
+
+    The file (safetensors) records the rank, alpha, targets and the
+    architecture; `load_adapters` checks them.
+
+    Example:
+    ```python
+    import os, tempfile
+    backbone = keras_gemma2.Gemma2Backbone.from_preset("gemma2_tiny_en")
+    keras_gemma2.lora.enable(backbone, rank=2)
+    path = os.path.join(tempfile.mkdtemp(), "adapters.safetensors")
+    keras_gemma2.lora.save_adapters(backbone, path)
+    ```
+    """
+    from keras import ops
+    from safetensors.numpy import save_file
+
+    variables = adapter_variables(backbone)
+    if not variables:
+        raise ValueError(
+            "This backbone has no LoRA adapters: call "
+            "`keras_gemma2.lora.enable(backbone, rank)` and train first."
+        )
+    layer = backbone._lora_enabled_layers[0]
+    metadata = {
+        "format": _FORMAT,
+        "rank": str(backbone._lora_rank),
+        "alpha": json.dumps(layer.lora_alpha),
+        "targets": json.dumps(list(backbone._lora_targets)),
+        "architecture": json.dumps(_architecture(backbone)),
+    }
+    tensors = {
+        name: np.ascontiguousarray(ops.convert_to_numpy(v))
+        for name, v in variables.items()
+    }
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = f"{path}.writing-{os.getpid()}"
+    try:
+        save_file(tensors, staging, metadata=metadata)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+    return path
+
+
+def load_adapters(backbone, path):
+    """Loads adapters saved by `save_adapters` onto a backbone.
+
+    Enables LoRA with the file's rank, alpha and targets if the backbone
+    has none. Every name, shape and the architecture are checked before
+    any weight is assigned: a mismatch raises and changes nothing.
+
+    Example:
+    ```python
+    import os, tempfile
+    trained = keras_gemma2.Gemma2Backbone.from_preset("gemma2_tiny_en")
+    keras_gemma2.lora.enable(trained, rank=2)
+    path = os.path.join(tempfile.mkdtemp(), "adapters.safetensors")
+    keras_gemma2.lora.save_adapters(trained, path)
+    base = keras_gemma2.Gemma2Backbone.from_preset("gemma2_tiny_en")
+    keras_gemma2.lora.load_adapters(base, path)
+    ```
+    """
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No adapter file at {path!r}.")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as error:  # safetensors raises its own types
+        raise ValueError(
+            f"{path!r} is not a safetensors adapter file ({error})."
+        ) from None
+    if metadata.get("format") != _FORMAT:
+        raise ValueError(
+            f"{path!r} is not a keras_gemma2 LoRA adapter file (no "
+            f"'{_FORMAT}' format tag)."
+        )
+    saved = json.loads(metadata["architecture"])
+    ours = _architecture(backbone)
+    differences = [
+        f"{key} {saved.get(key)} (adapters) != {ours[key]} (model)"
+        for key in _ARCHITECTURE_KEYS
+        if saved.get(key) != ours[key]
+    ]
+    if differences:
+        raise ValueError(
+            "These adapters were trained on another architecture: "
+            + "; ".join(differences)
+            + ". Load them onto the base model they were trained from."
+        )
+    rank = int(metadata["rank"])
+    alpha = json.loads(metadata["alpha"])
+    targets = tuple(json.loads(metadata["targets"]))
+    if not getattr(backbone, "_lora_enabled_layers", None):
+        _check_names(backbone, tensors, rank, targets)
+        enable(backbone, rank, alpha=alpha, targets=targets)
+    variables = adapter_variables(backbone)
+    missing = sorted(set(variables) - set(tensors))
+    extra = sorted(set(tensors) - set(variables))
+    if missing or extra:
+        raise ValueError(
+            f"The adapters in {path!r} do not fit this model's LoRA layers: "
+            f"missing {missing[:3]}, unexpected {extra[:3]}. Enable LoRA "
+            "with the same rank and targets, or load onto a fresh model."
+        )
+    for name, variable in variables.items():
+        if tuple(variable.shape) != tuple(tensors[name].shape):
+            raise ValueError(
+                f"{name}: shape {tuple(tensors[name].shape)} in the file, "
+                f"{tuple(variable.shape)} in the model (rank {rank})."
+            )
+    for name, variable in variables.items():
+        variable.assign(tensors[name])
+
+
+def merge(backbone):
+    """Folds the adapters into their kernels, for serving.
+
+    Afterwards the forward pass does no LoRA work; `unmerge` restores the
+    adapters (up to float rounding).
+
+    Example:
+    ```python
+    backbone = keras_gemma2.Gemma2Backbone.from_preset("gemma2_tiny_en")
+    keras_gemma2.lora.enable(backbone, rank=2)
+    keras_gemma2.lora.merge(backbone)
+    keras_gemma2.lora.unmerge(backbone)
+    ```
+    """
+    layers = [
+        layer
+        for layer in getattr(backbone, "_lora_enabled_layers", [])
+        if layer.lora_enabled
+    ]
+    if not layers:
+        raise ValueError("No unmerged LoRA adapters to merge.")
+    for layer in layers:
+        # Keras' `kernel` is base + (alpha / rank) * a @ b while enabled.
+        layer._kernel.assign(layer.kernel)
+        layer.lora_enabled = False
+        layer._lora_merged = True
+
+
+def unmerge(backbone):
+    """Takes merged adapters back out of their kernels."""
+    from keras import ops
+
+    layers = [
+        layer
+        for layer in getattr(backbone, "_lora_enabled_layers", [])
+        if _merged(layer)
+    ]
+    if not layers:
+        raise ValueError("No merged LoRA adapters to unmerge.")
+    for layer in layers:
+        delta = ops.matmul(layer.lora_kernel_a, layer.lora_kernel_b)
+        scale = layer.lora_alpha / layer.lora_rank
+        layer._kernel.assign(layer._kernel - scale * delta)
+        layer.lora_enabled = True
+        layer._lora_merged = False
+
+
+def _merged(layer):
+    return getattr(layer, "_lora_merged", False)
+
+
+def _architecture(backbone):
+    return {key: getattr(backbone, key) for key in _ARCHITECTURE_KEYS}
+
+
+def _target_layer(block, name):
+    if name in ATTENTION_TARGETS:
+        return getattr(block.attention, name)
+    return getattr(block, name)
+
+
+def _check_targets(targets):
+    if targets == "all":
+        return ALL_TARGETS
+    if isinstance(targets, str):
+        targets = (targets,)
+    targets = tuple(targets)
+    unknown = [t for t in targets if t not in ALL_TARGETS]
+    if unknown or not targets:
+        raise ValueError(
+            f"Unknown LoRA targets {unknown}: choose among {ALL_TARGETS} or "
+            "'all'."
+        )
+    return targets
+
+
+def _check_names(backbone, tensors, rank, targets):
+    """Before enabling: the file's names must be this model's paths."""
+    expected = {
+        f"{_target_layer(block, name).path}/{kind}"
+        for block in backbone.transformer_layers
+        for name in targets
+        for kind in ("lora_kernel_a", "lora_kernel_b")
+    }
+    if expected != set(tensors):
+        unexpected = sorted(set(tensors) - expected)[:3]
+        raise ValueError(
+            f"The adapter file's weights do not match this model's layers "
+            f"(unexpected {unexpected}); it was saved from a differently "
+            "named model."
+        )

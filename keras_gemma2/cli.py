@@ -67,6 +67,58 @@ def build_parser():
     )
     chat.add_argument("--backend", choices=BACKENDS, help="Keras backend.")
     chat.add_argument("--seed", type=int, default=None, help="Sampler seed.")
+    finetune = commands.add_parser(
+        "finetune",
+        help="Fine-tune a preset with LoRA on prompt/response pairs (JSONL "
+        "or CSV); writes a preset folder that from_preset and generate load.",
+    )
+    finetune.add_argument(
+        "--preset", default="gemma2_tiny_en", help="The base preset."
+    )
+    finetune.add_argument(
+        "--data", required=True, help="A .jsonl or .csv file of pairs."
+    )
+    finetune.add_argument("--prompt-key", default="prompt")
+    finetune.add_argument("--response-key", default="response")
+    finetune.add_argument(
+        "--output", required=True, help="The preset folder to write."
+    )
+    finetune.add_argument(
+        "--adapter",
+        help="Also write the LoRA adapters alone to this .safetensors file.",
+    )
+    finetune.add_argument(
+        "--lora-rank",
+        type=int,
+        default=4,
+        help="LoRA rank (default: 4); 0 fine-tunes every weight.",
+    )
+    finetune.add_argument(
+        "--lora-alpha", type=float, help="LoRA alpha (default: the rank)."
+    )
+    finetune.add_argument(
+        "--lora-targets",
+        default="query,value",
+        help="Comma-separated among query, key, value, attention_output, "
+        "ffw_gating, ffw_gating_2, ffw_linear; or all (default: "
+        "query,value).",
+    )
+    finetune.add_argument("--epochs", type=int, default=1)
+    finetune.add_argument("--batch-size", type=int, default=8)
+    finetune.add_argument("--learning-rate", type=float, default=1e-3)
+    finetune.add_argument(
+        "--sequence-length",
+        type=int,
+        default=256,
+        help="Tokens per example; longer responses are cut (default: 256).",
+    )
+    finetune.add_argument(
+        "--no-chat",
+        action="store_true",
+        help="Train on the raw prompt and response, not Gemma chat turns.",
+    )
+    finetune.add_argument("--backend", choices=BACKENDS, help="Keras backend.")
+    finetune.add_argument("--seed", type=int, default=None, help="Seed.")
     convert = commands.add_parser(
         "convert",
         help="Convert a Gemma 2 checkpoint (keras_gemma2, KerasHub or "
@@ -140,6 +192,46 @@ def _chat(args):
     )
 
 
+def _finetune(args):
+    import keras
+
+    import keras_gemma2
+    from keras_gemma2 import data
+    from keras_gemma2 import lora
+
+    if os.path.exists(args.output) and os.listdir(args.output):
+        raise ValueError(
+            f"{args.output} exists and is not empty; choose a new folder so "
+            "that nothing already there is overwritten."
+        )
+    pairs = data.load_instructions(
+        args.data, prompt_key=args.prompt_key, response_key=args.response_key
+    )
+    if not args.no_chat:
+        pairs = data.as_chat(pairs)
+    if args.seed is not None:
+        keras.utils.set_random_seed(args.seed)
+    lm = keras_gemma2.Gemma2CausalLM.from_preset(args.preset)
+    lm.preprocessor.sequence_length = args.sequence_length
+    if args.lora_rank:
+        targets = args.lora_targets
+        lora.enable(
+            lm.backbone,
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            targets=targets if targets == "all" else targets.split(","),
+        )
+    lm.compile(
+        optimizer=keras.optimizers.Adam(args.learning_rate, clipnorm=1.0)
+    )
+    lm.fit(pairs, batch_size=args.batch_size, epochs=args.epochs, verbose=1)
+    lm.save_to_preset(args.output)
+    print(f"wrote {args.output}")
+    if args.adapter and args.lora_rank:
+        lora.save_adapters(lm.backbone, args.adapter)
+        print(f"wrote {args.adapter}")
+
+
 def _convert(args):
     import keras
 
@@ -181,6 +273,13 @@ def main(argv=None):
         raise SystemExit("keras-gemma2: --max-length must be at least 2.")
     if args.command == "chat" and args.max_new_tokens < 1:
         raise SystemExit("keras-gemma2: --max-new-tokens must be at least 1.")
+    if args.command == "finetune" and (
+        args.lora_rank < 0 or args.epochs < 1 or args.batch_size < 1
+    ):
+        raise SystemExit(
+            "keras-gemma2: --lora-rank must be >= 0, --epochs and "
+            "--batch-size >= 1."
+        )
     _select_backend(getattr(args, "backend", None))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
@@ -188,6 +287,8 @@ def main(argv=None):
             _convert(args)
         elif args.command == "chat":
             _chat(args)
+        elif args.command == "finetune":
+            _finetune(args)
         else:
             _generate(args)
     except (

@@ -155,6 +155,17 @@ class RegisteredPresetsMixin:
             # staging folder: only the outermost save stages and renames.
             return super().save_to_preset(preset_dir, **kwargs)
         preset_dir = os.path.abspath(preset_dir)
+        backbone = getattr(self, "backbone", self)
+        if any(
+            getattr(layer, "_lora_merged", False)
+            for layer in getattr(backbone, "_lora_enabled_layers", [])
+        ):
+            raise ValueError(
+                "LoRA adapters are merged into this model's kernels; a "
+                "preset saved now would add them twice on load. Call "
+                "`keras_gemma2.lora.unmerge(backbone)` before saving (or "
+                "save the adapters with `keras_gemma2.lora.save_adapters`)."
+            )
         if (
             os.path.isdir(preset_dir)
             and os.listdir(preset_dir)

@@ -124,3 +124,48 @@ def test_chat_streams_replies_turn_by_turn():
     )
     assert first and second
     assert result.stdout == f"{first}\n{second}\n"
+
+
+def test_finetune_writes_a_preset_and_adapters(tmp_path):
+    import json
+
+    import numpy as np
+
+    import keras_gemma2
+
+    path = tmp_path / "train.jsonl"
+    rows = [{"q": f"Define word{i}.", "a": f"Meaning {i}."} for i in range(8)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    output, adapter = tmp_path / "tuned", tmp_path / "a.safetensors"
+    backend = keras.config.backend()
+    result = _run(
+        "finetune", "--data", str(path), "--prompt-key", "q",
+        "--response-key", "a", "--lora-rank", "2", "--epochs", "1",
+        "--batch-size", "4", "--sequence-length", "32", "--output",
+        str(output), "--adapter", str(adapter), "--backend", backend,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2/2" in result.stdout  # Keras' progress bar
+    tuned = keras_gemma2.Gemma2CausalLM.from_preset(str(output))
+    assert tuned.generate("Define word1.", max_new_tokens=3)
+    base = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+    keras_gemma2.lora.load_adapters(base.backbone, str(adapter))
+    ids = np.array([[2, 100, 200, 300, 400]], "int32")
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(base(inputs)),
+        keras.ops.convert_to_numpy(tuned(inputs)),
+        atol=1e-5,
+    )
+
+
+def test_finetune_bad_data_is_a_clear_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "x", "answer": "y"}\n')
+    result = _run(
+        "finetune", "--data", str(path), "--output", str(tmp_path / "out")
+    )
+    assert result.returncode != 0
+    assert "train.jsonl:1: no 'prompt' or 'response' field" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

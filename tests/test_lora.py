@@ -180,3 +180,20 @@ class AdapterFileTest(TestCase):
     def test_saving_without_adapters_is_a_clear_error(self):
         with pytest.raises(ValueError, match="no LoRA adapters"):
             lora.save_adapters(_lm().backbone, "x.safetensors")
+
+
+class MergedSaveTest(TestCase):
+    def test_saving_a_merged_model_is_refused_and_unmerged_round_trips(self):
+        lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+        lora.enable(lm.backbone, rank=2)
+        _train_adapters(lm.backbone)
+        expected = _logits(lm, TOKENS)
+        lora.merge(lm.backbone)
+        path = os.path.join(self.get_temp_dir(), "preset")
+        with pytest.raises(ValueError, match="add them twice"):
+            lm.save_to_preset(path)
+        self.assertFalse(os.path.exists(path))
+        lora.unmerge(lm.backbone)
+        lm.save_to_preset(path)
+        loaded = keras_gemma2.Gemma2CausalLM.from_preset(path)
+        np.testing.assert_allclose(_logits(loaded, TOKENS), expected, atol=1e-5)

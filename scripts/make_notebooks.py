@@ -150,11 +150,92 @@ DISTRIBUTED = [
     ),
 ]
 
+FINETUNE = [
+    new_markdown_cell(
+        "# Fine-tune Gemma 2 with LoRA\n\n"
+        "Teach a preset new facts from prompt/response pairs: load the "
+        "bundled `keras_gemma2_instructions` dataset (a glossary of invented "
+        "words) through TensorFlow Datasets, wrap it in Gemma's chat turns, "
+        "train LoRA adapters with `fit` (the loss sits on the responses "
+        "only), then save the adapters, load them onto a fresh base and "
+        "merge them for serving. It runs offline on the tiny preset; swap in "
+        "`gemma2_instruct_2b_en` on a GPU."
+    ),
+    new_code_cell(
+        "import os\n"
+        "os.environ.setdefault('KERAS_BACKEND', 'jax')  # or tensorflow, torch\n"
+        "\n"
+        "import keras\n"
+        "import numpy as np\n"
+        "import tensorflow_datasets as tfds\n"
+        "import keras_gemma2\n"
+        "import keras_gemma2.datasets  # registers keras_gemma2_instructions\n"
+        "from keras_gemma2 import data, lora"
+    ),
+    new_markdown_cell("## The data"),
+    new_code_cell(
+        "def pairs(split):\n"
+        "    rows = tfds.as_numpy(tfds.load('keras_gemma2_instructions', split=split))\n"
+        "    rows = list(rows)\n"
+        "    return {'prompts': [r['prompt'].decode() for r in rows],\n"
+        "            'responses': [r['response'].decode() for r in rows]}\n"
+        "\n"
+        "train, test = pairs('train'), pairs('test')\n"
+        "print(len(train['prompts']), 'train;', len(test['prompts']), 'test')\n"
+        "print(train['prompts'][0], '->', train['responses'][0])\n"
+        "print(data.as_chat(train)['prompts'][0])"
+    ),
+    new_markdown_cell("## Before fine-tuning"),
+    new_code_cell(
+        "keras.utils.set_random_seed(0)\n"
+        "lm = keras_gemma2.Gemma2CausalLM.from_preset('gemma2_tiny_en')\n"
+        "lm.preprocessor.sequence_length = 40\n"
+        "\n"
+        "def exact_match(lm, pairs, n=40):\n"
+        "    prompts = [keras_gemma2.format_chat([{'role': 'user', 'content': p}])\n"
+        "               for p in pairs['prompts'][:n]]\n"
+        "    answers = lm.generate(prompts, max_new_tokens=4, strip_prompt=True)\n"
+        "    return np.mean([a.strip() == r for a, r in zip(answers, pairs['responses'])])\n"
+        "\n"
+        "print('held-out exact match before:', exact_match(lm, test))"
+    ),
+    new_markdown_cell(
+        "## LoRA\n\n"
+        "Rank-32 adapters on every linear layer; everything else is frozen. "
+        "12 epochs keep this notebook to about a minute on a laptop CPU and "
+        "reach about half of the held-out answers; 30 epochs reach about "
+        "90% (`tests/test_finetune_e2e.py`)."
+    ),
+    new_code_cell(
+        "lora.enable(lm.backbone, rank=32, alpha=64, targets='all')\n"
+        "lm.compile(optimizer=keras.optimizers.Adam(2e-3, clipnorm=1.0))\n"
+        "history = lm.fit(data.as_chat(train), batch_size=16, epochs=12, verbose=0)\n"
+        "print('loss', [round(l, 3) for l in history.history['loss']])\n"
+        "print('held-out exact match after:', exact_match(lm, test))\n"
+        "print(lm.generate(keras_gemma2.format_chat(\n"
+        "    [{'role': 'user', 'content': test['prompts'][0]}]), max_new_tokens=4,\n"
+        "    strip_prompt=True), '| expected:', test['responses'][0])"
+    ),
+    new_markdown_cell("## Save the adapters, load them onto a fresh base, merge"),
+    new_code_cell(
+        "import tempfile\n"
+        "path = os.path.join(tempfile.mkdtemp(), 'glossary.safetensors')\n"
+        "lora.save_adapters(lm.backbone, path)\n"
+        "print(os.path.getsize(path) // 1024, 'KiB of adapters')\n"
+        "\n"
+        "base = keras_gemma2.Gemma2CausalLM.from_preset('gemma2_tiny_en')\n"
+        "lora.load_adapters(base.backbone, path)\n"
+        "lora.merge(base.backbone)  # no LoRA work left in the forward pass\n"
+        "print('merged model, held-out exact match:', exact_match(base, test))"
+    ),
+]
+
 
 def main():
     for name, cells in (
         ("quickstart", QUICKSTART),
         ("distributed", DISTRIBUTED),
+        ("finetune_lora", FINETUNE),
     ):
         notebook = new_notebook(cells=cells)
         notebook.metadata["kernelspec"] = {

@@ -14,8 +14,10 @@ NOTEBOOKS = sorted(
 )
 
 
-# Notebooks that choose their own backend run once, in the JAX pass.
-JAX_ONLY = {"distributed.ipynb"}
+# Notebooks that choose their own backend run once, in the JAX pass; so does
+# the fine-tuning tutorial (a minute of training; the same code runs on every
+# backend, and tests/test_finetune_e2e.py trains on all three).
+JAX_ONLY = {"distributed.ipynb", "finetune_lora.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

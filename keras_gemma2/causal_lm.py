@@ -185,21 +185,11 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
                 hidden_states,
                 stop_token_ids,
             )
-        # Keep the prompt and each row's tokens up to its first stop token.
-        positions = ops.expand_dims(ops.arange(length, dtype="int32"), 0)
-        keep = positions < ops.expand_dims(ops.cast(limits, "int32"), 1)
-        if stop_token_ids is not None:
-            is_stop = ops.zeros_like(prompt_mask)
-            for stop_id in stop_token_ids:
-                is_stop = ops.logical_or(is_stop, token_ids == stop_id)
-            is_stop = ops.cast(
-                ops.logical_and(is_stop, ops.logical_not(prompt_mask)), "int32"
-            )
-            after_stop = (ops.cumsum(is_stop, axis=-1) - is_stop) > 0
-            keep = ops.logical_and(keep, ops.logical_not(after_stop))
         return {
             "token_ids": token_ids,
-            "padding_mask": ops.logical_or(keep, prompt_mask),
+            "padding_mask": generation.output_mask(
+                token_ids, prompt_mask, stop_token_ids, limits
+            ),
         }
 
     def _search(
@@ -215,13 +205,7 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         length = ops.shape(token_ids)[1]
 
         def next(prompt, cache, index):
-            # The cache index is the index of our previous token.
-            batch_size = ops.shape(prompt)[0]
-            prompt = ops.slice(prompt, [0, index - 1], [batch_size, 1])
-            logits, hidden, cache = self.call_with_cache(
-                prompt, cache, index - 1
-            )
-            return ops.squeeze(logits, 1), ops.squeeze(hidden, 1), cache
+            return generation.next_logits(self, prompt, cache, index)
 
         # Contrastive search updates hidden states at every position.
         missing = length - ops.shape(hidden_states)[1]
@@ -397,6 +381,9 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         if generation.picks_one_token_per_step(self.sampler):
             state = self._continue_generation(state, stop_token_ids)
             token_ids = state["token_ids"]
+            padding_mask = generation.output_mask(
+                token_ids, state["prompt_mask"], stop_token_ids, state["limits"]
+            )
         else:
             outputs = self.make_generate_function()(
                 {
@@ -407,13 +394,14 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
                 },
                 stop_token_ids=stop_token_ids,
             )
-            token_ids = outputs["token_ids"]
+            # generate_step's own output mask.
+            token_ids, padding_mask = (
+                outputs["token_ids"],
+                outputs["padding_mask"],
+            )
         length = state["length"]
         token_ids = ops.convert_to_numpy(token_ids)[:, :length]
-        prompt_mask = state["prompt_mask"][:, :length]
-        padding_mask = generation.output_mask(
-            token_ids, prompt_mask, stop_token_ids, state["limits"]
-        )
+        padding_mask = ops.convert_to_numpy(padding_mask)[:, :length]
         if strip_prompt:
             for row, size in enumerate(state["prompt_lengths"]):
                 token_ids[row] = np.roll(token_ids[row], -size)

@@ -48,24 +48,17 @@ def compile_function(model, fn, static_argnames=()):
     (`layers.direct`). Each traces once per input shape and
     static value.
     """
-    fn = _count_traces(fn)
-    compiled = _compile(model, fn, static_argnames)
-    compiled.traces = 0
-    fn.owner = compiled
-    return compiled
 
-
-def _count_traces(fn):
-    """Wraps `fn` to count its Python runs (traces when compiled) in
-    `compiled.traces`: the tests check that repeated shapes never
-    recompile."""
-
+    # Counts Python runs of `fn` (traces, when compiled): the tests check
+    # that repeated shapes never recompile.
     @functools.wraps(fn)
     def counted(*args, **kwargs):
-        counted.owner.traces += 1
+        compiled.traces += 1
         return fn(*args, **kwargs)
 
-    return counted
+    compiled = _compile(model, counted, static_argnames)
+    compiled.traces = 0
+    return compiled
 
 
 def _compile(model, fn, static_argnames):
@@ -175,16 +168,13 @@ def decode_loop(
         `(token_ids, cache, index, done)`.
     """
     sampler = model.sampler
-    batch_size = ops.shape(token_ids)[0]
 
     def cond(token_ids, cache, index, done):
         return ops.logical_and(index < stop_at, ops.logical_not(ops.all(done)))
 
     def body(token_ids, cache, index, done):
-        # Position `index - 1` is fed to predict position `index`.
-        previous = ops.slice(token_ids, [0, index - 1], [batch_size, 1])
-        logits, _, cache = model.call_with_cache(previous, cache, index - 1)
-        probabilities = sampler.compute_probabilities(logits[:, 0, :])
+        logits, _, cache = next_logits(model, token_ids, cache, index)
+        probabilities = sampler.compute_probabilities(logits)
         next_token = ops.cast(
             sampler.get_next_token(probabilities), token_ids.dtype
         )
@@ -195,11 +185,12 @@ def decode_loop(
         )
         finished = index + 1 >= limits
         if stop_token_ids is not None:
-            stopped = ops.zeros_like(in_prompt)
-            for stop_id in stop_token_ids:
-                stopped = ops.logical_or(stopped, next_token == stop_id)
             finished = ops.logical_or(
-                finished, ops.logical_and(stopped, ops.logical_not(in_prompt))
+                finished,
+                ops.logical_and(
+                    is_stop_token(next_token, stop_token_ids),
+                    ops.logical_not(in_prompt),
+                ),
             )
         return token_ids, cache, index + 1, ops.logical_or(done, finished)
 
@@ -213,20 +204,50 @@ def decode_loop(
     )
 
 
+def next_logits(model, token_ids, cache, index):
+    """`(logits, hidden_states, cache)` predicting position `index`.
+
+    Feeds the token at `index - 1` through one cached decode step: the
+    `next` of KerasHub's sampler contract, shared by our loop and by beam
+    and contrastive search.
+    """
+    batch_size = ops.shape(token_ids)[0]
+    previous = ops.slice(token_ids, [0, index - 1], [batch_size, 1])
+    logits, hidden_states, cache = model.call_with_cache(
+        previous, cache, index - 1
+    )
+    return ops.squeeze(logits, 1), ops.squeeze(hidden_states, 1), cache
+
+
+def is_stop_token(token_ids, stop_token_ids):
+    """Where `token_ids` holds any of `stop_token_ids` (a bool tensor)."""
+    found = ops.zeros_like(token_ids, dtype="bool")
+    for stop_id in stop_token_ids:
+        found = ops.logical_or(found, token_ids == stop_id)
+    return found
+
+
 def output_mask(token_ids, prompt_mask, stop_token_ids, limits):
-    """Numpy `[batch, length]` mask of the kept tokens of a generation.
+    """`[batch, length]` mask of the kept tokens of a generation.
 
     Prompt tokens, and generated tokens up to and including the first stop
-    token, below each row's limit.
+    token, below each row's limit. Backend ops: it runs inside a compiled
+    `generate_step` and on the numpy results of the decoding loop alike.
     """
-    positions = np.arange(token_ids.shape[1])[None, :]
-    kept = positions < np.asarray(limits)[:, None]
+    prompt_mask = ops.cast(prompt_mask, "bool")
+    length = ops.shape(token_ids)[1]
+    positions = ops.expand_dims(ops.arange(length, dtype="int32"), 0)
+    kept = positions < ops.expand_dims(ops.cast(limits, "int32"), 1)
     if stop_token_ids:
-        is_stop = np.isin(token_ids, stop_token_ids) & ~prompt_mask
+        is_stop = ops.logical_and(
+            is_stop_token(token_ids, stop_token_ids),
+            ops.logical_not(prompt_mask),
+        )
+        is_stop = ops.cast(is_stop, "int32")
         # True strictly after the first stop token of the row.
-        after_stop = (np.cumsum(is_stop, axis=1) - is_stop) > 0
-        kept &= ~after_stop
-    return kept | prompt_mask
+        after_stop = (ops.cumsum(is_stop, axis=-1) - is_stop) > 0
+        kept = ops.logical_and(kept, ops.logical_not(after_stop))
+    return ops.logical_or(kept, prompt_mask)
 
 
 class TextStream:

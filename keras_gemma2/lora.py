@@ -186,26 +186,32 @@ def load_adapters(backbone, path):
         )
     rank = int(metadata["rank"])
     alpha = json.loads(metadata["alpha"])
-    targets = tuple(json.loads(metadata["targets"]))
-    if not getattr(backbone, "_lora_enabled_layers", None):
-        _check_names(backbone, tensors, rank, targets)
-        enable(backbone, rank, alpha=alpha, targets=targets)
-    variables = adapter_variables(backbone)
-    missing = sorted(set(variables) - set(tensors))
-    extra = sorted(set(tensors) - set(variables))
+    targets = _check_targets(json.loads(metadata["targets"]))
+    enabled = bool(getattr(backbone, "_lora_enabled_layers", None))
+    # Names and shapes are checked before LoRA is enabled or any weight
+    # assigned, so that a bad file leaves the model as it was.
+    expected = (
+        {n: tuple(v.shape) for n, v in adapter_variables(backbone).items()}
+        if enabled
+        else _adapter_shapes(backbone, rank, targets)
+    )
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ValueError(
             f"The adapters in {path!r} do not fit this model's LoRA layers: "
             f"missing {missing[:3]}, unexpected {extra[:3]}. Enable LoRA "
             "with the same rank and targets, or load onto a fresh model."
         )
-    for name, variable in variables.items():
-        if tuple(variable.shape) != tuple(tensors[name].shape):
+    for name, shape in expected.items():
+        if shape != tuple(tensors[name].shape):
             raise ValueError(
                 f"{name}: shape {tuple(tensors[name].shape)} in the file, "
-                f"{tuple(variable.shape)} in the model (rank {rank})."
+                f"{shape} in the model (rank {rank})."
             )
-    for name, variable in variables.items():
+    if not enabled:
+        enable(backbone, rank, alpha=alpha, targets=targets)
+    for name, variable in adapter_variables(backbone).items():
         variable.assign(tensors[name])
 
 
@@ -285,18 +291,15 @@ def _check_targets(targets):
     return targets
 
 
-def _check_names(backbone, tensors, rank, targets):
-    """Before enabling: the file's names must be this model's paths."""
-    expected = {
-        f"{_target_layer(block, name).path}/{kind}"
-        for block in backbone.transformer_layers
-        for name in targets
-        for kind in ("lora_kernel_a", "lora_kernel_b")
-    }
-    if expected != set(tensors):
-        unexpected = sorted(set(tensors) - expected)[:3]
-        raise ValueError(
-            f"The adapter file's weights do not match this model's layers "
-            f"(unexpected {unexpected}); it was saved from a differently "
-            "named model."
-        )
+def _adapter_shapes(backbone, rank, targets):
+    """`{path: shape}` of the adapters `enable(backbone, rank, ...,
+    targets)` would add (Keras: a is kernel[:-1] + (rank,), b is
+    (rank, kernel[-1]))."""
+    shapes = {}
+    for block in backbone.transformer_layers:
+        for name in targets:
+            layer = _target_layer(block, name)
+            kernel = tuple(layer.kernel.shape)
+            shapes[f"{layer.path}/lora_kernel_a"] = kernel[:-1] + (rank,)
+            shapes[f"{layer.path}/lora_kernel_b"] = (rank, kernel[-1])
+    return shapes

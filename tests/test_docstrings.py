@@ -13,6 +13,7 @@ from keras_gemma2 import architectures
 from keras_gemma2 import distribution
 from keras_gemma2 import generation
 from keras_gemma2 import presets as presets_lib
+from keras_gemma2.convert import to_peft
 from keras_gemma2.layers import attention_masks
 
 PUBLIC = [
@@ -41,6 +42,7 @@ PUBLIC = [
     keras_gemma2.lora.save_adapters,
     keras_gemma2.lora.load_adapters,
     keras_gemma2.lora.merge,
+    to_peft.export_peft,
 ]
 
 

@@ -1,6 +1,7 @@
 """keras_gemma2: Gemma 2 in Keras 3 on TensorFlow, JAX and PyTorch."""
 
 from keras_gemma2 import architectures
+from keras_gemma2 import callbacks
 from keras_gemma2 import data
 from keras_gemma2 import layers
 from keras_gemma2 import lora

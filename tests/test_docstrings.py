@@ -42,6 +42,7 @@ PUBLIC = [
     keras_gemma2.lora.save_adapters,
     keras_gemma2.lora.load_adapters,
     keras_gemma2.lora.merge,
+    keras_gemma2.callbacks.BackupAndRestore,
     to_peft.export_peft,
 ]
 

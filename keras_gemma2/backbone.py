@@ -1,5 +1,7 @@
 """Gemma2Backbone: token embedding -> decoder blocks -> final RMSNorm."""
 
+import re
+
 import keras
 from keras import ops
 from keras_hub.models import Backbone
@@ -238,6 +240,40 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
             )
             for capacity in self.cache_capacities(max_length)
         )
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantizes the matrices and the embedding (`"int8"`, `"int4"`).
+
+        Keras' `Model.quantize` visits every leaf layer and warns for each
+        one that has no quantized form (norms, dropout); by default only
+        the `EinsumDense` matrices and the embedding are visited here.
+        `filters` narrows that further, as in Keras.
+
+        Example:
+        ```python
+        backbone = keras_gemma2.Gemma2Backbone.from_preset("gemma2_tiny_en")
+        backbone.quantize("int8")
+        ```
+        """
+        if self.dtype_policy.compute_dtype == "float16":
+            raise ValueError(
+                "Gemma 2 is not quantized in float16 (its activations "
+                "overflow there); load it in float32 or bfloat16 first."
+            )
+
+        def quantizable(layer):
+            if not isinstance(
+                layer, (keras.layers.EinsumDense, Gemma2Embedding)
+            ):
+                return False
+            if filters is None:
+                return True
+            if callable(filters):
+                return filters(layer)
+            patterns = [filters] if isinstance(filters, str) else filters
+            return any(re.search(p, layer.path) for p in patterns)
+
+        super().quantize(mode, config=config, filters=quantizable, **kwargs)
 
     @staticmethod
     def get_layout_map(

@@ -83,6 +83,29 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
             **kwargs,
         )
 
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantizes the backbone's weights (`"int8"` or `"int4"`).
+
+        Only the backbone holds weights; Keras' `Model.quantize` would also
+        visit the preprocessor's layers and fail on them. LoRA can be
+        enabled afterwards (QLoRA-style: int8 base, float adapters) and
+        `generate` works on all three backends.
+
+        Example:
+        ```python
+        lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+        lm.quantize("int8")
+        lm.generate("The tokenizer", max_new_tokens=4)
+        ```
+        """
+        self.backbone.quantize(mode, config=config, filters=filters, **kwargs)
+        # Compiled functions closed over the float variables.
+        self.train_function = None
+        self.test_function = None
+        self.predict_function = None
+        self.generate_function = None
+        self._compiled_generation = None
+
     # --- cached decoding: KerasHub's sampler contract ---------------------
 
     def call_with_cache(
@@ -494,6 +517,46 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
             text = stream.push([token])
             if text:
                 yield text
+
+    # --- fit --------------------------------------------------------------
+
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        sample_weight=None,
+        shuffle=True,
+        **kwargs,
+    ):
+        """`Task.fit`, shuffling in-memory examples every epoch.
+
+        KerasHub batches lists and arrays in their given order every epoch
+        and ignores `shuffle`; here, with `shuffle=True` (the default),
+        strings, `{"prompts", "responses"}` dicts and arrays are reshuffled
+        each epoch through `keras_gemma2.data.shuffled_batches`. Datasets
+        (`tf.data`, grain) are passed on as given, and so are in-memory
+        inputs with `validation_split` (which takes the last examples, as
+        in Keras, before any shuffling).
+        """
+        in_memory = isinstance(x, (list, tuple, dict, np.ndarray))
+        if in_memory and shuffle and not kwargs.get("validation_split"):
+            from keras_gemma2 import data
+
+            x = data.shuffled_batches(
+                x, y, sample_weight, batch_size=batch_size or 32
+            )
+            y = sample_weight = batch_size = None
+        # Shuffled above, or not wanted: KerasHub's own data never
+        # shuffles, and Keras warns when told to.
+        return super().fit(
+            x,
+            y,
+            batch_size=batch_size,
+            sample_weight=sample_weight,
+            shuffle=False,
+            **kwargs,
+        )
 
     # --- score ------------------------------------------------------------
 

@@ -36,8 +36,13 @@ _ARCHITECTURE_KEYS = (
 _FORMAT = "keras_gemma2.lora/1"
 
 
-def enable(backbone, rank, alpha=None, targets=DEFAULT_TARGETS):
+def enable(
+    backbone, rank, alpha=None, targets=DEFAULT_TARGETS, dropout=0.0, seed=None
+):
     """Freezes the backbone and adds LoRA adapters to the target matrices.
+
+    Works on float and on `quantize("int8")`-ed backbones (the base stays
+    int8, the adapters are float: QLoRA-style training).
 
     Args:
         backbone: a `Gemma2Backbone`.
@@ -47,16 +52,26 @@ def enable(backbone, rank, alpha=None, targets=DEFAULT_TARGETS):
         targets: names among `"query"`, `"key"`, `"value"`,
             `"attention_output"`, `"ffw_gating"`, `"ffw_gating_2"`,
             `"ffw_linear"`, or `"all"`. Defaults to query and value.
+        dropout: float in [0, 1). In training, the adapters see their input
+            through dropout of this rate (the base matrix sees it whole),
+            as in PEFT's `lora_dropout`.
+        seed: int. Seeds the dropout.
 
     Example:
     ```python
     backbone = keras_gemma2.Gemma2Backbone.from_preset("gemma2_tiny_en")
-    keras_gemma2.lora.enable(backbone, rank=4, alpha=8, targets="all")
+    keras_gemma2.lora.enable(
+        backbone, rank=4, alpha=8, targets="all", dropout=0.05
+    )
     ```
     """
+    import keras
+
     targets = _check_targets(targets)
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"`rank` must be a positive int; got {rank!r}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"`dropout` must be in [0, 1); got {dropout!r}.")
     if getattr(backbone, "_lora_enabled_layers", None):
         raise ValueError(
             "LoRA is already enabled on this backbone; enable it once, on a "
@@ -66,16 +81,80 @@ def enable(backbone, rank, alpha=None, targets=DEFAULT_TARGETS):
     for layer in backbone._flatten_layers(include_self=False):
         layer.trainable = False
     enabled = []
-    for block in backbone.transformer_layers:
+    for index, block in enumerate(backbone.transformer_layers):
         for name in targets:
             layer = _target_layer(block, name)
             layer.trainable = True
             layer.enable_lora(rank, lora_alpha=alpha)
+            layer.lora_dropout = float(dropout)
+            if dropout:
+                with _unlocked(layer):
+                    layer._lora_seed_generator = keras.random.SeedGenerator(
+                        None if seed is None else seed + 1000 * index
+                    )
+                _add_dropout(layer)
             enabled.append(layer)
     # KerasHub's bookkeeping, so that its own LoRA helpers see the layers.
-    backbone._lora_enabled_layers = enabled
-    backbone._lora_rank = rank
-    backbone._lora_targets = targets
+    # (A quantized backbone's tracker is locked: Keras locks it after
+    # `quantize`.)
+    with _unlocked(backbone):
+        backbone._lora_enabled_layers = enabled
+        backbone._lora_rank = rank
+        backbone._lora_targets = targets
+        backbone._lora_dropout = float(dropout)
+
+
+def _add_dropout(layer):
+    """Routes the adapters' input through dropout in training.
+
+    Keras' `EinsumDense` folds LoRA into its kernel (float) or adds it after
+    the base einsum (int8), both on the same input, so it has no LoRA
+    dropout. In training this computes the base output with LoRA switched
+    off, then adds `scale * (dropout(x) . a) @ b`; at inference the layer's
+    own call runs unchanged. Instance attributes, so that only layers with
+    dropout pay for it and the class (and Keras' quantization of it) is
+    untouched.
+    """
+    from keras import ops
+    from keras import random
+
+    def with_dropout(original):
+        def call(inputs, training=None):
+            if not (training and layer.lora_enabled):
+                return original(inputs, training=training)
+            layer.lora_enabled = False
+            try:
+                outputs = original(inputs, training=training)
+            finally:
+                layer.lora_enabled = True
+            dropped = random.dropout(
+                inputs, layer.lora_dropout, seed=layer._lora_seed_generator
+            )
+            lora_x = ops.einsum(layer.equation, dropped, layer.lora_kernel_a)
+            lora_x = ops.matmul(lora_x, layer.lora_kernel_b)
+            scale = layer.lora_alpha / layer.lora_rank
+            return ops.add(outputs, ops.cast(scale, outputs.dtype) * lora_x)
+
+        return call
+
+    layer.call = with_dropout(layer.call)
+    layer.quantized_call = with_dropout(layer.quantized_call)
+
+
+class _unlocked:
+    """Lets attributes be set on a built (tracker-locked) layer."""
+
+    def __init__(self, layer):
+        self.tracker = getattr(layer, "_tracker", None)
+
+    def __enter__(self):
+        self.locked = self.tracker is not None and self.tracker.locked
+        if self.locked:
+            self.tracker.unlock()
+
+    def __exit__(self, *exc):
+        if self.locked:
+            self.tracker.lock()
 
 
 def adapter_variables(backbone):
@@ -118,6 +197,7 @@ def save_adapters(backbone, path):
         "rank": str(backbone._lora_rank),
         "alpha": json.dumps(layer.lora_alpha),
         "targets": json.dumps(list(backbone._lora_targets)),
+        "dropout": json.dumps(getattr(backbone, "_lora_dropout", 0.0)),
         "architecture": json.dumps(_architecture(backbone)),
     }
     tensors = {
@@ -210,7 +290,8 @@ def load_adapters(backbone, path):
                 f"{shape} in the model (rank {rank})."
             )
     if not enabled:
-        enable(backbone, rank, alpha=alpha, targets=targets)
+        dropout = json.loads(metadata.get("dropout", "0.0"))
+        enable(backbone, rank, alpha=alpha, targets=targets, dropout=dropout)
     for name, variable in adapter_variables(backbone).items():
         variable.assign(tensors[name])
 
@@ -236,6 +317,12 @@ def merge(backbone):
     ]
     if not layers:
         raise ValueError("No unmerged LoRA adapters to merge.")
+    if any(layer.quantization_mode for layer in layers):
+        raise ValueError(
+            "The base weights are quantized: merging would round the "
+            "adapters into int8 kernels. Generate with the adapters "
+            "unmerged, or merge into a float model and quantize after."
+        )
     for layer in layers:
         # Keras' `kernel` is base + (alpha / rank) * a @ b while enabled.
         layer._kernel.assign(layer.kernel)
@@ -260,6 +347,18 @@ def unmerge(backbone):
         layer._kernel.assign(layer._kernel - scale * delta)
         layer.lora_enabled = True
         layer._lora_merged = False
+
+
+def export_peft(backbone, path, overwrite=False, base_model_name_or_path=None):
+    """Writes the adapters as a PEFT folder; see `convert.to_peft`."""
+    from keras_gemma2.convert import to_peft
+
+    return to_peft.export_peft(
+        backbone,
+        path,
+        overwrite=overwrite,
+        base_model_name_or_path=base_model_name_or_path,
+    )
 
 
 def _merged(layer):

@@ -44,6 +44,9 @@ PUBLIC = [
     keras_gemma2.lora.merge,
     keras_gemma2.callbacks.BackupAndRestore,
     to_peft.export_peft,
+    keras_gemma2.Gemma2Backbone.quantize,
+    keras_gemma2.Gemma2CausalLM.quantize,
+    keras_gemma2.data.shuffled_batches,
 ]
 
 

@@ -65,7 +65,7 @@ def export_peft(backbone, path, overwrite=False, base_model_name_or_path=None):
     Example:
     ```python
     import os, tempfile
-    from keras_gemma2.convert.to_peft import export_peft
+    from keras_gemma2.lora import export_peft
     backbone = keras_gemma2.Gemma2Backbone.from_preset("gemma2_tiny_en")
     keras_gemma2.lora.enable(backbone, rank=2, alpha=4, targets="all")
     # ... fine-tune ...

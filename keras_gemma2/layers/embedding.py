@@ -29,5 +29,17 @@ class Gemma2Embedding(ReversibleEmbedding):
     def call(self, inputs, reverse=False):
         if reverse:
             return super().call(inputs, reverse=True)
-        x = super().call(inputs)
+        return self._scale(super().call(inputs))
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        # Keras refuses subclasses (`type(self) is not ReversibleEmbedding`)
+        # because their `call` may differ; ours only adds the input scale,
+        # which `quantized_call` applies too.
+        super().quantize(mode, type_check=False, config=config)
+
+    def quantized_call(self, inputs, reverse=False):
+        x = super().quantized_call(inputs, reverse=reverse)
+        return x if reverse else self._scale(x)
+
+    def _scale(self, x):
         return x * ops.cast(ops.sqrt(float(self.output_dim)), x.dtype)

@@ -10,6 +10,8 @@ import csv
 import json
 import os
 
+import numpy as np
+
 PROMPT_KEY = "prompt"
 RESPONSE_KEY = "response"
 
@@ -101,6 +103,51 @@ def as_chat(data):
     ]
     responses = [r.strip() + END_OF_TURN for r in data["responses"]]
     return {"prompts": prompts, "responses": responses}
+
+
+def shuffled_batches(x, y=None, sample_weight=None, batch_size=32, seed=None):
+    """In-memory examples as a `tf.data` pipeline reshuffled every epoch.
+
+    `Gemma2CausalLM.fit` uses it for lists, arrays and dicts of them when
+    `shuffle=True` (Keras' default): KerasHub's `fit` batches such inputs
+    in their given order every epoch and ignores `shuffle`.
+
+    Args:
+        x: strings, a dict of lists (`{"prompts", "responses"}`) or arrays.
+        y, sample_weight: optional, with the same number of examples.
+        batch_size: int.
+        seed: int. Defaults to TensorFlow's global seed, which
+            `keras.utils.set_random_seed` sets.
+
+    Example:
+    ```python
+    ds = keras_gemma2.data.shuffled_batches(["a", "b", "c"], batch_size=2)
+    [list(batch.numpy()) for batch in ds]
+    ```
+    """
+    import tensorflow as tf
+
+    def arrays(data):
+        if isinstance(data, dict):
+            return {key: arrays(value) for key, value in data.items()}
+        return np.asarray(data)
+
+    parts = [arrays(part) for part in (x, y, sample_weight) if part is not None]
+    sizes = {len(a) for part in parts for a in tf.nest.flatten(part)}
+    if len(sizes) != 1:
+        raise ValueError(
+            "Every input to `fit` must hold the same number of examples; "
+            f"got {sorted(sizes)}."
+        )
+    size = sizes.pop()
+    if size == 0:
+        raise ValueError("The training data holds no examples.")
+    data = parts[0] if len(parts) == 1 else tuple(parts)
+    return (
+        tf.data.Dataset.from_tensor_slices(data)
+        .shuffle(size, seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size)
+    )
 
 
 def _read_jsonl(path):

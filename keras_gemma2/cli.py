@@ -103,6 +103,38 @@ def build_parser():
         "ffw_gating, ffw_gating_2, ffw_linear; or all (default: "
         "query,value).",
     )
+    finetune.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=0.0,
+        help="Dropout on the adapters' input in training (default: 0).",
+    )
+    finetune.add_argument(
+        "--peft",
+        help="Also write the adapters as a Hugging Face PEFT folder here.",
+    )
+    finetune.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="Quantize the base weights before LoRA training (QLoRA-style).",
+    )
+    finetune.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "mixed_bfloat16"),
+        help="Weights and compute dtype (default: the preset's); "
+        "mixed_bfloat16 keeps float32 weights and computes in bfloat16.",
+    )
+    finetune.add_argument(
+        "--gradient-accumulation",
+        type=int,
+        default=1,
+        help="Apply the gradients of this many batches at once (default: 1).",
+    )
+    finetune.add_argument(
+        "--backup-dir",
+        help="Back up training state here each epoch and resume from it "
+        "when the same command is run again after an interruption.",
+    )
     finetune.add_argument("--epochs", type=int, default=1)
     finetune.add_argument("--batch-size", type=int, default=8)
     finetune.add_argument("--learning-rate", type=float, default=1e-3)
@@ -211,8 +243,19 @@ def _finetune(args):
         pairs = data.as_chat(pairs)
     if args.seed is not None:
         keras.utils.set_random_seed(args.seed)
-    lm = keras_gemma2.Gemma2CausalLM.from_preset(args.preset)
+    if args.quantize and not args.lora_rank:
+        raise ValueError(
+            "--quantize trains LoRA adapters on an int8 base; int8 weights "
+            "cannot be fine-tuned themselves. Pass --lora-rank > 0."
+        )
+    for flag, value in (("--peft", args.peft), ("--adapter", args.adapter)):
+        if value and not args.lora_rank:
+            raise ValueError(f"{flag} needs LoRA: pass --lora-rank > 0.")
+    kwargs = {"dtype": args.dtype} if args.dtype else {}
+    lm = keras_gemma2.Gemma2CausalLM.from_preset(args.preset, **kwargs)
     lm.preprocessor.sequence_length = args.sequence_length
+    if args.quantize:
+        lm.quantize(args.quantize)
     if args.lora_rank:
         targets = args.lora_targets
         lora.enable(
@@ -220,16 +263,40 @@ def _finetune(args):
             rank=args.lora_rank,
             alpha=args.lora_alpha,
             targets=targets if targets == "all" else targets.split(","),
+            dropout=args.lora_dropout,
+            seed=args.seed,
         )
     lm.compile(
-        optimizer=keras.optimizers.Adam(args.learning_rate, clipnorm=1.0)
+        optimizer=keras.optimizers.Adam(
+            args.learning_rate,
+            clipnorm=1.0,
+            gradient_accumulation_steps=(
+                args.gradient_accumulation
+                if args.gradient_accumulation > 1
+                else None
+            ),
+        )
     )
-    lm.fit(pairs, batch_size=args.batch_size, epochs=args.epochs, verbose=1)
+    callbacks = []
+    if args.backup_dir:
+        from keras_gemma2.callbacks import BackupAndRestore
+
+        callbacks.append(BackupAndRestore(args.backup_dir))
+    lm.fit(
+        pairs,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        callbacks=callbacks,
+        verbose=1,
+    )
     lm.save_to_preset(args.output)
     print(f"wrote {args.output}")
-    if args.adapter and args.lora_rank:
+    if args.adapter:
         lora.save_adapters(lm.backbone, args.adapter)
         print(f"wrote {args.adapter}")
+    if args.peft:
+        lora.export_peft(lm.backbone, args.peft)
+        print(f"wrote {args.peft}")
 
 
 def _convert(args):
@@ -274,11 +341,16 @@ def main(argv=None):
     if args.command == "chat" and args.max_new_tokens < 1:
         raise SystemExit("keras-gemma2: --max-new-tokens must be at least 1.")
     if args.command == "finetune" and (
-        args.lora_rank < 0 or args.epochs < 1 or args.batch_size < 1
+        args.lora_rank < 0
+        or args.epochs < 1
+        or args.batch_size < 1
+        or args.gradient_accumulation < 1
+        or not 0 <= args.lora_dropout < 1
     ):
         raise SystemExit(
-            "keras-gemma2: --lora-rank must be >= 0, --epochs and "
-            "--batch-size >= 1."
+            "keras-gemma2: --lora-rank must be >= 0, --epochs, "
+            "--batch-size and --gradient-accumulation >= 1, and "
+            "--lora-dropout in [0, 1)."
         )
     _select_backend(getattr(args, "backend", None))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

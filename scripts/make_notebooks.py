@@ -216,7 +216,9 @@ FINETUNE = [
         "    [{'role': 'user', 'content': test['prompts'][0]}]), max_new_tokens=4,\n"
         "    strip_prompt=True), '| expected:', test['responses'][0])"
     ),
-    new_markdown_cell("## Save the adapters, load them onto a fresh base, merge"),
+    new_markdown_cell(
+        "## Save the adapters, load them onto a fresh base, merge"
+    ),
     new_code_cell(
         "import tempfile\n"
         "path = os.path.join(tempfile.mkdtemp(), 'glossary.safetensors')\n"

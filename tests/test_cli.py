@@ -169,3 +169,49 @@ def test_finetune_bad_data_is_a_clear_error(tmp_path):
     assert "train.jsonl:1: no 'prompt' or 'response' field" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_finetune_int8_dropout_accumulation_backup_and_peft(tmp_path):
+    import json
+
+    import keras_gemma2
+
+    path = tmp_path / "train.jsonl"
+    rows = [
+        {"prompt": f"Define word{i}.", "response": f"M{i}."} for i in range(8)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    output, peft, backup = (tmp_path / n for n in ("tuned", "peft", "backup"))
+    result = _run(
+        "finetune", "--data", str(path), "--lora-rank", "2",
+        "--lora-dropout", "0.1", "--quantize", "int8",
+        "--gradient-accumulation", "2", "--epochs", "2", "--batch-size", "2",
+        "--sequence-length", "32", "--backup-dir", str(backup), "--output",
+        str(output), "--peft", str(peft), "--seed", "1", "--backend",
+        keras.config.backend(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    tuned = keras_gemma2.Gemma2CausalLM.from_preset(str(output))
+    query = tuned.backbone.transformer_layers[0].attention.query
+    assert query.quantization_mode == "int8"
+    assert tuned.generate("Define word1.", max_new_tokens=3)
+    config = json.loads((peft / "adapter_config.json").read_text())
+    assert config["lora_dropout"] == 0.1
+    assert (peft / "adapter_model.safetensors").exists()
+    # A finished run leaves no backup behind (Keras' behaviour).
+    assert not backup.exists() or not any(
+        not name.startswith(".") for name in os.listdir(backup)
+    )
+
+
+def test_finetune_quantize_without_lora_is_a_clear_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "x", "response": "y"}\n')
+    result = _run(
+        "finetune", "--data", str(path), "--lora-rank", "0", "--quantize",
+        "int8", "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--quantize trains LoRA adapters" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

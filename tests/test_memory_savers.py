@@ -79,11 +79,16 @@ class QuantizeTest(TestCase):
         self.assertLess(int8_bytes, float_bytes / 3.5)
         got = _numpy(lm(_inputs(TOKENS)))
         self.assertLess(np.abs(got - expected).max(), 0.05 * 30)
-        self.assertTrue(lm.generate("The tokenizer", max_new_tokens=4))
+        text = lm.generate("The tokenizer", max_new_tokens=6)
         path = os.path.join(tempfile.mkdtemp(), "int8")
         lm.save_to_preset(path)
         reloaded = keras_gemma2.Gemma2CausalLM.from_preset(path)
         np.testing.assert_array_equal(_numpy(reloaded(_inputs(TOKENS))), got)
+        # The reloaded layers hold a DTypePolicyMap; generation must see
+        # their int8 kernels as int8 (torch's direct calls once did not).
+        self.assertEqual(
+            reloaded.generate("The tokenizer", max_new_tokens=6), text
+        )
 
     def test_lora_on_int8_trains_only_the_adapters(self):
         keras.utils.set_random_seed(0)

@@ -35,9 +35,11 @@ def call(layer, *args, **kwargs):
 
 
 def _direct(layer):
-    policy = layer.dtype_policy
+    # The properties, not `layer.dtype_policy`: a layer loaded from a
+    # quantized preset holds a `DTypePolicyMap`, which reports no
+    # quantization itself; the properties resolve the layer's entry.
     return (
         layer.built
-        and policy.quantization_mode is None
-        and policy.compute_dtype == policy.variable_dtype
+        and layer.quantization_mode is None
+        and layer.compute_dtype == layer.variable_dtype
     )

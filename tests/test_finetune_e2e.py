@@ -14,7 +14,7 @@ from keras_gemma2 import datasets
 from keras_gemma2 import lora
 
 
-def _setup():
+def _setup(learning_rate):
     keras.utils.set_random_seed(0)
     lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
     lm.preprocessor.sequence_length = 40
@@ -23,7 +23,7 @@ def _setup():
     )
     lora.enable(lm.backbone, rank=32, alpha=64, targets="all")
     lm.compile(
-        optimizer=keras.optimizers.Adam(2e-3, clipnorm=1.0),
+        optimizer=keras.optimizers.Adam(learning_rate, clipnorm=1.0),
         sampler="greedy",
     )
     return lm, train
@@ -46,7 +46,11 @@ def _exact_match(lm, pairs):
     "the loss falls.",
 )
 def test_lora_learns_the_glossary():
-    lm, train = _setup()
+    # `fit` reshuffles every epoch. Measured held-out exact match after 30
+    # epochs, seeds 0/1/2: 0.89/0.84/0.81 at 1e-3; at 2e-3 seed 0 gave
+    # 0.70 (0.91 with the examples in a fixed order), at 4e-3 with
+    # cosine decay 0.26/0.47: the unseen phrasings want the lower rate.
+    lm, train = _setup(1e-3)
     test = data.load_instructions(datasets.instructions_path("test"))
     before = _exact_match(lm, test)
     weights_before = {
@@ -70,7 +74,7 @@ def test_lora_learns_the_glossary():
     keras.config.backend() == "jax", reason="JAX runs the full test."
 )
 def test_lora_loss_falls():
-    lm, train = _setup()
+    lm, train = _setup(2e-3)
     history = lm.fit(train, batch_size=16, epochs=3, verbose=0)
     losses = history.history["loss"]
     assert losses[-1] < 0.8 * losses[0], losses

@@ -38,8 +38,48 @@ class Gemma2Embedding(ReversibleEmbedding):
         super().quantize(mode, type_check=False, config=config)
 
     def quantized_call(self, inputs, reverse=False):
-        x = super().quantized_call(inputs, reverse=reverse)
-        return x if reverse else self._scale(x)
+        if not reverse:
+            return self._scale(super().quantized_call(inputs))
+        if self.quantization_mode != "int8":
+            return super().quantized_call(inputs, reverse=True)
+        return self._int8_logits(inputs)
+
+    def _int8_logits(self, inputs):
+        """Keras' int8 reverse pass, with a gradient for the hidden states.
+
+        Keras rounds the hidden states to int8 before the logits matmul and
+        gives that rounding no gradient, so nothing reaches the layers
+        below: LoRA on an int8 model did not train (loss flat, measured by
+        `benchmarks/finetune_memory.py`). The forward pass here is Keras'
+        own; the backward pass is the straight-through gradient through
+        the soft cap and the dequantized table, as Keras' int8
+        `EinsumDense` does for its inputs.
+        """
+        cap = self.logit_soft_cap
+        forward = super().quantized_call
+
+        @ops.custom_gradient
+        def logits_with_gradient(x, table, scale):
+            logits = forward(x, reverse=True)
+
+            def grad_fn(*args, upstream=None):
+                if upstream is None:
+                    (upstream,) = args
+                if cap is not None:
+                    # d/dz of cap * tanh(z / cap) = 1 - (logits / cap)^2.
+                    upstream = upstream * (1 - ops.square(logits / cap))
+                # The float table is int8 / scale, one scale per token.
+                upstream = upstream / ops.cast(scale, upstream.dtype)
+                x_grad = ops.matmul(upstream, ops.cast(table, upstream.dtype))
+                return (x_grad, None, None)
+
+            return logits, grad_fn
+
+        return logits_with_gradient(
+            inputs,
+            ops.convert_to_tensor(self._embeddings),
+            ops.convert_to_tensor(self.embeddings_scale),
+        )
 
     def _scale(self, x):
         return x * ops.cast(ops.sqrt(float(self.output_dim)), x.dtype)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import keras
+import pytest
 
 
 def _run(*args):
@@ -171,6 +172,11 @@ def test_finetune_bad_data_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(
+    keras.config.backend() != "torch",
+    reason="The flags' plumbing, once (~1 min); each feature has its own "
+    "tests on every backend (test_memory_savers, test_resume, test_peft).",
+)
 def test_finetune_int8_dropout_accumulation_backup_and_peft(tmp_path):
     import json
 

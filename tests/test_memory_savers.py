@@ -90,22 +90,6 @@ class QuantizeTest(TestCase):
             reloaded.generate("The tokenizer", max_new_tokens=6), text
         )
 
-    def test_lora_on_int8_trains_only_the_adapters(self):
-        keras.utils.set_random_seed(0)
-        lm = _lm()
-        lm.quantize("int8")
-        lora.enable(lm.backbone, rank=2, targets="all")
-        adapters = set(lora.adapter_variables(lm.backbone))
-        before = {v.path: _numpy(v) for v in lm.backbone.weights}
-        lm.compile(optimizer=keras.optimizers.Adam(1e-2))
-        losses = _fit(lm, ["the tokenizer reads", "a stream of text"] * 2)
-        self.assertTrue(np.isfinite(losses).all())
-        for v in lm.backbone.weights:
-            changed = not np.array_equal(before[v.path], _numpy(v))
-            self.assertEqual(changed, "lora_kernel" in v.path, v.path)
-        self.assertTrue(adapters)
-        self.assertTrue(lm.generate("The tokenizer", max_new_tokens=4))
-
     def test_lora_on_int8_learns_like_float(self):
         # Keras' int8 output head gave the hidden states no gradient, so
         # adapters below it barely moved (loss flat); ours passes the
@@ -117,6 +101,7 @@ class QuantizeTest(TestCase):
             if mode == "int8":
                 lm.quantize("int8")
             lora.enable(lm.backbone, rank=4, targets="all")
+            before = {v.path: _numpy(v) for v in lm.backbone.weights}
             lm.compile(optimizer=keras.optimizers.Adam(1e-2))
             lm.preprocessor.sequence_length = 16
             texts = ["the tokenizer reads a stream", "of characters and words"]
@@ -125,6 +110,11 @@ class QuantizeTest(TestCase):
                 for _ in range(8)
             ]
             drops[mode] = float(losses[0]) - float(losses[-1])
+        # Only the adapters moved; the int8 kernels and scales did not.
+        for v in lm.backbone.weights:
+            changed = not np.array_equal(before[v.path], _numpy(v))
+            self.assertEqual(changed, "lora_kernel" in v.path, v.path)
+        self.assertTrue(lm.generate("The tokenizer", max_new_tokens=4))
         print(f"loss drop over 8 steps: {drops}")
         self.assertGreater(drops["float32"], 0.1)
         self.assertGreater(drops["int8"], 0.8 * drops["float32"])

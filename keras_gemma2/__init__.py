@@ -11,6 +11,7 @@ from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.causal_lm import Gemma2CausalLM
 from keras_gemma2.causal_lm_preprocessor import Gemma2CausalLMPreprocessor
 from keras_gemma2.chat import format_chat
+from keras_gemma2.distillation import Gemma2Distiller
 from keras_gemma2.layers.attention import Gemma2Attention
 from keras_gemma2.layers.decoder_block import Gemma2DecoderBlock
 from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization

@@ -47,6 +47,7 @@ PUBLIC = [
     keras_gemma2.Gemma2Backbone.quantize,
     keras_gemma2.Gemma2CausalLM.quantize,
     keras_gemma2.data.shuffled_batches,
+    keras_gemma2.Gemma2Distiller,
     keras_gemma2.merging.EMAAnchor,
     keras_gemma2.merging.slerp,
     keras_gemma2.merging.liti,

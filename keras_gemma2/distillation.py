@@ -1,9 +1,11 @@
 """Knowledge distillation: a student Gemma 2 learns a teacher's distribution.
 
 Keras' own `keras.distillation.Distiller` takes `sample_weight` in
-`compute_loss` but never uses it (`keras/src/distillation/distiller.py`,
-`Distiller.compute_loss`: "sample_weight: Sample weights (currently
-unused)"; its `LogitsDistillation` loss averages over every position). For a
+`compute_loss` but never uses it (Keras 3.15,
+`keras/src/distillation/distiller.py` lines 418-427, `Distiller.compute_loss`:
+"sample_weight: Sample weights (currently unused)"), and its
+`LogitsDistillation` takes a plain mean over every position
+(`distillation_loss.py` line 362). For a
 language model that means training on padding, and on prompt tokens of
 prompt/response data. `Gemma2Distiller` weights the per-token losses by the
 preprocessor's `sample_weight` instead.

@@ -534,7 +534,7 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         KerasHub batches lists and arrays in their given order every epoch
         and ignores `shuffle`; here, with `shuffle=True` (the default),
         strings, `{"prompts", "responses"}` dicts and arrays are reshuffled
-        each epoch through `keras_gemma2.data.shuffled_batches`. Datasets
+        each epoch through `keras_gemma2.data.batches`. Datasets
         (`tf.data`, grain) are passed on as given, and so are in-memory
         inputs with `validation_split` (which takes the last examples, as
         in Keras, before any shuffling).
@@ -543,9 +543,7 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         if in_memory and shuffle and not kwargs.get("validation_split"):
             from keras_gemma2 import data
 
-            x = data.shuffled_batches(
-                x, y, sample_weight, batch_size=batch_size or 32
-            )
+            x = data.batches(x, y, sample_weight, batch_size=batch_size or 32)
             y = sample_weight = batch_size = None
         # Shuffled above, or not wanted: KerasHub's own data never
         # shuffles, and Keras warns when told to.

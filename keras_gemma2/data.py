@@ -105,23 +105,27 @@ def as_chat(data):
     return {"prompts": prompts, "responses": responses}
 
 
-def shuffled_batches(x, y=None, sample_weight=None, batch_size=32, seed=None):
-    """In-memory examples as a `tf.data` pipeline reshuffled every epoch.
+def batches(
+    x, y=None, sample_weight=None, batch_size=32, shuffle=True, seed=None
+):
+    """In-memory examples as a batched `tf.data` pipeline.
 
-    `Gemma2CausalLM.fit` uses it for lists, arrays and dicts of them when
-    `shuffle=True` (Keras' default): KerasHub's `fit` batches such inputs
-    in their given order every epoch and ignores `shuffle`.
+    `Gemma2CausalLM.fit` and `Gemma2Distiller` use it for lists, arrays and
+    dicts of them. With `shuffle=True` (Keras' default) the examples are
+    reshuffled every epoch: KerasHub's `fit` batches such inputs in their
+    given order every epoch and ignores `shuffle`.
 
     Args:
         x: strings, a dict of lists (`{"prompts", "responses"}`) or arrays.
         y, sample_weight: optional, with the same number of examples.
         batch_size: int.
+        shuffle: bool. Reshuffle every epoch; `False` keeps the order.
         seed: int. Defaults to TensorFlow's global seed, which
             `keras.utils.set_random_seed` sets.
 
     Example:
     ```python
-    ds = keras_gemma2.data.shuffled_batches(["a", "b", "c"], batch_size=2)
+    ds = keras_gemma2.data.batches(["a", "b", "c"], batch_size=2)
     [list(batch.numpy()) for batch in ds]
     ```
     """
@@ -143,11 +147,12 @@ def shuffled_batches(x, y=None, sample_weight=None, batch_size=32, seed=None):
     if size == 0:
         raise ValueError("The training data holds no examples.")
     data = parts[0] if len(parts) == 1 else tuple(parts)
-    return (
-        tf.data.Dataset.from_tensor_slices(data)
-        .shuffle(size, seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size)
-    )
+    dataset = tf.data.Dataset.from_tensor_slices(data)
+    if shuffle:
+        dataset = dataset.shuffle(
+            size, seed=seed, reshuffle_each_iteration=True
+        )
+    return dataset.batch(batch_size)
 
 
 def _read_jsonl(path):

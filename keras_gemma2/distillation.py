@@ -277,19 +277,14 @@ class Gemma2Distiller(keras.Model):
                     "A tf.data dataset carries its own labels; pass no `y` "
                     "or `sample_weight` with it."
                 )
-        elif shuffle:
-            x = data.shuffled_batches(
-                x, y, sample_weight, batch_size=batch_size or 32
-            )
         else:
-            parts = [
-                keras.tree.map_structure(np.asarray, part)
-                for part in (x, y, sample_weight)
-                if part is not None
-            ]
-            x = tf.data.Dataset.from_tensor_slices(
-                parts[0] if len(parts) == 1 else tuple(parts)
-            ).batch(batch_size or 32)
+            x = data.batches(
+                x,
+                y,
+                sample_weight,
+                batch_size=batch_size or 32,
+                shuffle=shuffle,
+            )
         return x.map(
             self._preprocess_batch, num_parallel_calls=tf.data.AUTOTUNE
         ).prefetch(tf.data.AUTOTUNE)

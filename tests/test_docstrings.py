@@ -46,7 +46,7 @@ PUBLIC = [
     to_peft.export_peft,
     keras_gemma2.Gemma2Backbone.quantize,
     keras_gemma2.Gemma2CausalLM.quantize,
-    keras_gemma2.data.shuffled_batches,
+    keras_gemma2.data.batches,
     keras_gemma2.Gemma2Distiller,
     keras_gemma2.merging.EMAAnchor,
     keras_gemma2.merging.slerp,

@@ -194,3 +194,21 @@ def test_bundled_dataset_loads_through_tfds_offline(tmp_path):
     assert os.path.isfile(
         os.path.join(datasets_lib.INSTRUCTIONS_DIR, "LICENSE.md")
     )
+
+
+def test_batches_reshuffle_every_epoch_or_keep_the_order():
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    texts = [f"example {i}" for i in range(12)]
+    shuffled = data_lib.batches({"prompts": texts}, batch_size=5)
+    epochs = [
+        [t.decode() for b in shuffled for t in b["prompts"].numpy()]
+        for _ in range(2)
+    ]
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(texts)  # each a permutation
+    assert epochs[0] != epochs[1] and epochs[0] != texts
+    ordered = data_lib.batches(texts, batch_size=5, shuffle=False)
+    assert [t.decode() for b in ordered for t in b.numpy()] == texts
+    assert isinstance(ordered, tf.data.Dataset)

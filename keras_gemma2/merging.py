@@ -708,15 +708,9 @@ def _merge_presets(sources, output, compute):
             f"`output` {output!r} is one of the inputs, which are read while "
             "the result is written: choose another folder."
         )
-    if (
-        os.path.isdir(output)
-        and os.listdir(output)
-        and not os.path.exists(os.path.join(output, "config.json"))
-    ):
-        raise ValueError(
-            f"{output} is a non-empty folder that is not a preset; choose a "
-            "new folder so that nothing in it is lost."
-        )
+    from keras_gemma2 import presets
+
+    presets.check_preset_target(output)
     base = sources[0]
     with atomic.staged_folder(output, "merging") as staging:
         for entry in os.listdir(base.folder):

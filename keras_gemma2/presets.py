@@ -166,21 +166,26 @@ class RegisteredPresetsMixin:
                 "`keras_gemma2.lora.unmerge(backbone)` before saving (or "
                 "save the adapters with `keras_gemma2.lora.save_adapters`)."
             )
-        if (
-            os.path.isdir(preset_dir)
-            and os.listdir(preset_dir)
-            and not os.path.exists(os.path.join(preset_dir, "config.json"))
-        ):
-            raise ValueError(
-                f"{preset_dir} is a non-empty folder that is not a preset; "
-                "choose a new folder so that nothing in it is lost."
-            )
+        check_preset_target(preset_dir)
         _SAVING.append(preset_dir)
         try:
             with atomic.staged_folder(preset_dir, "saving") as staging:
                 super().save_to_preset(staging, **kwargs)
         finally:
             _SAVING.pop()
+
+
+def check_preset_target(path):
+    """Refuses to replace a non-empty folder that is not a preset."""
+    if (
+        os.path.isdir(path)
+        and os.listdir(path)
+        and not os.path.exists(os.path.join(path, "config.json"))
+    ):
+        raise ValueError(
+            f"{path} is a non-empty folder that is not a preset; choose a "
+            "new folder so that nothing in it is lost."
+        )
 
 
 def registered_presets():

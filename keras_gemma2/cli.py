@@ -170,7 +170,71 @@ def build_parser():
         help="Weights dtype (default: the source's).",
     )
     convert.add_argument("--backend", choices=BACKENDS, help="Keras backend.")
+    _add_rag_commands(commands)
     return parser
+
+
+def _add_rag_commands(commands):
+    rag = commands.add_parser(
+        "rag",
+        help="Answer questions from your documents: index them into a local "
+        "Chroma database, then ask.",
+    )
+    rag_commands = rag.add_subparsers(dest="rag_command", required=True)
+    index = rag_commands.add_parser(
+        "index",
+        help="Index text and Markdown files into a Chroma database; run it "
+        "again to index only what changed.",
+    )
+    index.add_argument("docs_dir", help="The folder of documents.")
+    index.add_argument(
+        "--db", required=True, help="The database folder (created if missing)."
+    )
+    index.add_argument(
+        "--glob",
+        action="append",
+        help="Files to index, relative to DOCS_DIR; repeatable (default: "
+        "**/*.md and **/*.txt).",
+    )
+    index.add_argument("--chunk-size", type=int, default=1000)
+    index.add_argument("--chunk-overlap", type=int, default=200)
+    index.add_argument(
+        "--embedding",
+        help="An embedding model folder or cached Hugging Face id (default: "
+        "the database's model, else the bundled all-MiniLM-L6-v2).",
+    )
+    ask = rag_commands.add_parser(
+        "ask",
+        help="Answer a question from the nearest chunks of a database, and "
+        "print the sources.",
+    )
+    ask.add_argument("question")
+    ask.add_argument("--db", required=True, help="A database from rag index.")
+    ask.add_argument(
+        "--k", type=int, default=3, help="Chunks to retrieve (default: 3)."
+    )
+    ask.add_argument(
+        "--preset",
+        default="gemma2_tiny_en",
+        help="A preset name or folder (default: the bundled gemma2_tiny_en, "
+        "a toy whose answers are not meaningful).",
+    )
+    ask.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="The longest answer, in tokens (default: 256).",
+    )
+    ask.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        help="Ask in a Gemma chat turn (default: if the preset's name says "
+        "instruct or -it).",
+    )
+    ask.add_argument(
+        "--embedding", help="The database's embedding model (default: it)."
+    )
+    ask.add_argument("--backend", choices=BACKENDS, help="Keras backend.")
 
 
 def _select_backend(backend):
@@ -334,12 +398,74 @@ def _convert(args):
     print(f"wrote {args.destination}")
 
 
+def _rag_index(args):
+    import warnings
+
+    from keras_gemma2 import rag
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            report = rag.index(
+                args.docs_dir,
+                args.db,
+                glob=args.glob or rag.store.DEFAULT_GLOBS,
+                chunk_size=args.chunk_size,
+                chunk_overlap=args.chunk_overlap,
+                embedding=args.embedding,
+            )
+        finally:
+            for warning in caught:
+                print(f"warning: {warning.message}", file=sys.stderr)
+    counts = ", ".join(
+        f"{len(getattr(report, f'{kind}_files'))} {kind}"
+        for kind in ("added", "updated", "removed", "unchanged", "skipped")
+    )
+    if report.written:
+        print(
+            f"indexed {args.docs_dir} into {args.db}: {counts} files; "
+            f"{report.chunks_added} chunks added, {report.chunks_removed} "
+            "removed"
+        )
+    else:
+        print(f"{args.db} is up to date ({counts} files); nothing written")
+
+
+def _rag_ask(args):
+    from keras_gemma2 import rag
+
+    answer = rag.ask(
+        args.question,
+        args.db,
+        k=args.k,
+        lm=args.preset,
+        max_new_tokens=args.max_new_tokens,
+        chat=args.chat,
+        embedding=args.embedding,
+    )
+    print(answer.text)
+    print("\nSources:")
+    for number, hit in enumerate(answer.sources, 1):
+        print(
+            f"  [{number}] {hit.source}, chunk {hit.chunk} "
+            f"(distance {hit.distance:.3f})"
+        )
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "generate" and args.max_length < 2:
         raise SystemExit("keras-gemma2: --max-length must be at least 2.")
     if args.command == "chat" and args.max_new_tokens < 1:
         raise SystemExit("keras-gemma2: --max-new-tokens must be at least 1.")
+    if (
+        args.command == "rag"
+        and args.rag_command == "ask"
+        and (args.k < 1 or args.max_new_tokens < 1)
+    ):
+        raise SystemExit(
+            "keras-gemma2: --k and --max-new-tokens must be at least 1."
+        )
     if args.command == "finetune" and (
         args.lora_rank < 0
         or args.epochs < 1
@@ -361,6 +487,10 @@ def main(argv=None):
             _chat(args)
         elif args.command == "finetune":
             _finetune(args)
+        elif args.command == "rag" and args.rag_command == "index":
+            _rag_index(args)
+        elif args.command == "rag":
+            _rag_ask(args)
         else:
             _generate(args)
     except (

@@ -9,4 +9,4 @@ pip install --quiet --upgrade pip
 # The CPU build of PyTorch first: a plain `torch` requirement would pull a
 # multi-GB CUDA build.
 pip install --quiet torch==2.13.0
-pip install --quiet -e ".[torch,test]"
+pip install --quiet -e ".[torch,test,rag]"

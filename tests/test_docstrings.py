@@ -13,6 +13,7 @@ from keras_gemma2 import architectures
 from keras_gemma2 import distribution
 from keras_gemma2 import generation
 from keras_gemma2 import presets as presets_lib
+from keras_gemma2 import rag
 from keras_gemma2.convert import to_peft
 from keras_gemma2.layers import attention_masks
 
@@ -52,6 +53,12 @@ PUBLIC = [
     keras_gemma2.merging.slerp,
     keras_gemma2.merging.liti,
     keras_gemma2.merging.warp,
+    rag.split_text,
+    rag.build_prompt,
+    rag.SentenceEmbedder,
+    rag.index,
+    rag.retrieve,
+    rag.ask,
 ]
 
 

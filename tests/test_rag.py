@@ -107,6 +107,12 @@ class TestSplitText:
         ]
         assert all(text[s : s + len(c)] == c for s, c in chunks)
 
+    def test_paragraphs_before_lines(self):
+        # Cut at lines first, "Intro." and "Line one." would share a chunk.
+        text = "Intro.\n\nLine one.\nLine two is long."
+        chunks = rag.split_text(text, chunk_size=20, chunk_overlap=0)
+        assert chunks == [(0, "Intro."), (8, "Line one."), (18, text[18:])]
+
     def test_a_word_longer_than_a_chunk_is_cut_between_characters(self):
         chunks = rag.split_text("abcdefghij", chunk_size=4, chunk_overlap=1)
         assert [c for _, c in chunks] == ["abcd", "defg", "ghij"]

@@ -27,6 +27,18 @@ jax_only = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # On 2 busy cores torch's two intra-op threads spin against the other
+    # work: indexing the corpus took 18-24 s with 2 threads, 3.4 s with 1.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def embedder():
     return rag.SentenceEmbedder()

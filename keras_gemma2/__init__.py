@@ -7,6 +7,7 @@ from keras_gemma2 import layers
 from keras_gemma2 import lora
 from keras_gemma2 import merging
 from keras_gemma2 import presets
+from keras_gemma2 import rag
 from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.causal_lm import Gemma2CausalLM
 from keras_gemma2.causal_lm_preprocessor import Gemma2CausalLMPreprocessor

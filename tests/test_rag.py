@@ -180,8 +180,10 @@ class TestEmbeddings:
         assert a @ b > a @ c + 0.3
 
     def test_unknown_models_are_refused_offline(self):
-        with pytest.raises(ValueError, match="nomic-ai/nomic-embed-text-v1.5"):
+        with pytest.raises(ValueError, match="nomic-embed-text-v1.5.*Ollama"):
             rag.SentenceEmbedder("nomic-embed-text")
+        with pytest.raises(ValueError, match="mixedbread-ai/mxbai-embed-large"):
+            rag.SentenceEmbedder("mxbai-embed-large")
         with pytest.raises(ValueError, match="never downloads"):
             rag.SentenceEmbedder("someone/no-such-model")
 

@@ -201,6 +201,17 @@ def resolve_model(model):
     if os.path.isdir(model):
         path = os.path.abspath(model)
         return path, path
+    if model == "nomic-embed-text":
+        # Its Hugging Face repo ships its model as custom code
+        # (`trust_remote_code`), which keras_gemma2 never runs.
+        raise ValueError(
+            "'nomic-embed-text' is Ollama's name for "
+            "'nomic-ai/nomic-embed-text-v1.5', whose Hugging Face model is "
+            "custom code that keras_gemma2 does not run. Serve it with "
+            "Ollama and pass an embedding function from Python (README.md, "
+            "'Another embedding model'), or leave --embedding out for the "
+            "bundled all-MiniLM-L6-v2."
+        )
     if model in _OLLAMA_NAMES:
         repo = _OLLAMA_NAMES[model]
         raise ValueError(

@@ -1,0 +1,255 @@
+"""Two LoRA fine-tunes of gemma2_tiny_en on two tasks, merged: what is kept.
+
+    KERAS_BACKEND=jax .venv/bin/python benchmarks/merge_tasks.py
+        [--pairs glossary:legs,glossary-a:glossary-b] [--epochs 30]
+        [--rank 32] [--json OUT.json]
+
+For each pair of tasks, two copies of the bundled tiny preset are
+fine-tuned from the same initialisation with LoRA (rank 32, alpha 64, all
+seven projections, Adam 1e-3 with clipnorm 1, batches of 16, chat format,
+seed 0), one per task, and merged with `keras_gemma2.merging`:
+
+- `slerp t=0.5`: `merging.slerp(init, [a, b], t=0.5)` (WARP's SLERP);
+- `lerp t=0.5`: the plain weight average, `merging.liti(a, b, eta=0.5)`;
+- `warp eta=0.5`: `merging.warp(init, [a, b], t=0.5, eta=0.5)`;
+- `a scaled`, `b scaled`: one fine-tune's task vector times sin(pi/4) /
+  sin(pi/2) = 0.707, the weight SLERP gives each of two orthogonal task
+  vectors at t=0.5, with the other task vector left out;
+- `a + noise`: `a`'s task vector times 0.707 plus, per tensor, a random
+  Gaussian tensor of the norm of `b`'s task vector times 0.707: SLERP's
+  result for a task vector that carries no function.
+
+The last two rows separate SLERP's shrinking of each task vector from the
+interference between them.
+
+Each model is scored on each task's held-out questions in two ways:
+multiple choice (the summed log-probability of the right answer against 9
+other answers of the same task, as task-arithmetic papers score merged
+models) and greedy exact match. The tasks, all invented so the preset knows
+none of them:
+
+- `glossary`: the bundled glossary (`keras_gemma2.datasets`: 60 invented
+  words, 5 phrasings each for training, held-out phrasings for testing);
+- `legs`: "How many legs does a <invented animal> have?" for 40 invented
+  animals, answered with a number word; three phrasings train, a fourth
+  tests;
+- `glossary-a`, `glossary-b`: the glossary's words split in two halves.
+"""
+
+import argparse
+import json
+import time
+
+import keras
+import numpy as np
+
+import keras_gemma2
+from keras_gemma2 import data
+from keras_gemma2 import datasets
+from keras_gemma2 import lora
+from keras_gemma2 import merging
+
+NUMBERS = (
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "twelve",
+)
+SYLLABLES = ("ka", "lo", "mi", "ve", "tor", "zan", "dru", "qua", "nek", "ul")
+
+
+def _glossary(words=None):
+    splits = []
+    for split in ("train", "test"):
+        pairs = data.load_instructions(datasets.instructions_path(split))
+        keep = [words is None or r in words for r in pairs["responses"]]
+        splits.append(
+            {k: [v for v, y in zip(pairs[k], keep) if y] for k in pairs}
+        )
+    return splits
+
+
+def _legs():
+    rng = np.random.default_rng(7)
+    names = set()
+    while len(names) < 40:
+        names.add("".join(rng.choice(SYLLABLES, 2)))
+    phrasings = (
+        "How many legs does a {} have?",
+        "A {} walks on how many legs?",
+        "Count the legs of a {}.",
+        "What is the number of legs of a {}?",
+    )
+    train = {"prompts": [], "responses": []}
+    test = {"prompts": [], "responses": []}
+    for i, name in enumerate(sorted(names)):
+        answer = NUMBERS[i % len(NUMBERS)]
+        for phrasing in phrasings[:3]:
+            train["prompts"].append(phrasing.format(name))
+            train["responses"].append(answer)
+        test["prompts"].append(phrasings[3].format(name))
+        test["responses"].append(answer)
+    return train, test
+
+
+def tasks():
+    words = sorted(set(_glossary()[0]["responses"]))
+    return {
+        "glossary": _glossary(),
+        "legs": _legs(),
+        "glossary-a": _glossary(set(words[::2])),
+        "glossary-b": _glossary(set(words[1::2])),
+    }
+
+
+def _load(preset="gemma2_tiny_en"):
+    keras.utils.set_random_seed(0)
+    lm = keras_gemma2.Gemma2CausalLM.from_preset(preset)
+    lm.preprocessor.sequence_length = 40
+    lm.compile(sampler="greedy")
+    return lm
+
+
+def fine_tune(train, epochs, rank):
+    lm = _load()
+    lora.enable(lm.backbone, rank=rank, alpha=2 * rank, targets="all")
+    lm.compile(
+        optimizer=keras.optimizers.Adam(1e-3, clipnorm=1.0), sampler="greedy"
+    )
+    lm.fit(data.as_chat(train), batch_size=16, epochs=epochs, verbose=0)
+    return lm
+
+
+def multiple_choice(lm, pairs, options=10):
+    """Share of questions whose answer outscores 9 others of the task."""
+    answers = sorted(set(pairs["responses"]))
+    rng = np.random.default_rng(0)
+    prompts, responses = [], []
+    for prompt, answer in zip(pairs["prompts"], pairs["responses"]):
+        others = [a for a in answers if a != answer]
+        choices = [answer] + list(rng.choice(others, options - 1, False))
+        prompts += [prompt] * options
+        responses += [str(c) for c in choices]
+    chat = data.as_chat({"prompts": prompts, "responses": responses})
+    scores = []
+    for i in range(0, len(prompts), 200):
+        batch = {k: v[i : i + 200] for k, v in chat.items()}
+        _, labels, weights = lm.preprocessor(batch)
+        logits = np.asarray(
+            keras.ops.convert_to_numpy(lm.predict_on_batch(batch)), "float64"
+        )
+        top = logits.max(-1, keepdims=True)
+        log_probs = logits - top
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        labels = keras.ops.convert_to_numpy(labels)
+        picked = np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
+        scores.append((picked * keras.ops.convert_to_numpy(weights)).sum(-1))
+    scores = np.concatenate(scores).reshape(-1, options)
+    return float(np.mean(scores.argmax(-1) == 0))
+
+
+def exact_match(lm, pairs):
+    prompts = [
+        keras_gemma2.format_chat([{"role": "user", "content": p}])
+        for p in pairs["prompts"]
+    ]
+    answers = lm.generate(prompts, max_new_tokens=4, strip_prompt=True)
+    return float(
+        np.mean([a.strip() == r for a, r in zip(answers, pairs["responses"])])
+    )
+
+
+def _with_noise(init, a, b):
+    """`init + 0.707 (d_a + r)`, r random with |r| = |d_b| per tensor."""
+    rng = np.random.default_rng(0)
+    # Plain copies with the effective (base + LoRA) kernels, no adapters.
+    a, b = merging.liti(init, a, eta=1.0), merging.liti(init, b, eta=1.0)
+    arrays = {}
+    for w0, wa, wb in zip(init.weights, a.weights, b.weights):
+        w0, wa, wb = (keras.ops.convert_to_numpy(w) for w in (w0, wa, wb))
+        noise = rng.standard_normal(w0.shape)
+        noise *= np.linalg.norm(wb - w0) / max(np.linalg.norm(noise), 1e-12)
+        arrays[len(arrays)] = w0 + np.sin(np.pi / 4) * (wa - w0 + noise)
+    model = _load()
+    for variable, value in zip(model.weights, arrays.values()):
+        variable.assign(value.astype(variable.dtype))
+    return model
+
+
+def run_pair(name_a, name_b, all_tasks, epochs, rank):
+    (train_a, test_a), (train_b, test_b) = all_tasks[name_a], all_tasks[name_b]
+    init = _load()
+    start = time.time()
+    a = fine_tune(train_a, epochs, rank)
+    b = fine_tune(train_b, epochs, rank)
+    print(f"fine-tuned both in {time.time() - start:.0f} s", flush=True)
+    scale = float(np.sin(np.pi / 4))
+    models = {
+        "base": init,
+        "a": a,
+        "b": b,
+        "slerp t=0.5": merging.slerp(init, [a, b], t=0.5),
+        "lerp t=0.5": merging.liti(a, b, eta=0.5),
+        "warp eta=0.5": merging.warp(init, [a, b], t=0.5, eta=0.5),
+        "a scaled": merging.liti(init, a, eta=scale),
+        "b scaled": merging.liti(init, b, eta=scale),
+        "a + noise": _with_noise(init, a, b),
+    }
+    rows = {}
+    for label, model in models.items():
+        model.compile(sampler="greedy")
+        rows[label] = {
+            task: {
+                "choice": multiple_choice(model, test),
+                "exact": exact_match(model, test),
+            }
+            for task, test in ((name_a, test_a), (name_b, test_b))
+        }
+        print(label, json.dumps(rows[label]), flush=True)
+    return rows
+
+
+def print_table(pair, rows):
+    name_a, name_b = pair
+    print(f"\n{name_a} (a) + {name_b} (b): held-out multiple choice / exact")
+    print(f"| model | {name_a} | kept | {name_b} | kept |")
+    print("|---|---|---|---|---|")
+    for label, row in rows.items():
+        cells = []
+        for task, own in ((name_a, "a"), (name_b, "b")):
+            score = row[task]
+            kept = score["choice"] / rows[own][task]["choice"]
+            cells.append(f"{score['choice']:.3f} / {score['exact']:.3f}")
+            cells.append(f"{kept:.0%}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--pairs", default="glossary:legs,glossary-a:glossary-b"
+    )
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    all_tasks = tasks()
+    results = {"backend": keras.config.backend(), "epochs": args.epochs}
+    for pair in args.pairs.split(","):
+        names = tuple(pair.split(":"))
+        results[pair] = run_pair(*names, all_tasks, args.epochs, args.rank)
+    for pair in args.pairs.split(","):
+        print_table(tuple(pair.split(":")), results[pair])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -78,15 +78,9 @@ def retrieve(question, db, k=3, embedding=None):
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive number of chunks; got {k!r}.")
     db = os.path.abspath(os.fspath(db))
-    if not os.path.isdir(db) or not os.listdir(db):
-        raise FileNotFoundError(
-            f"No database at {db}. Create it first with `keras-gemma2 rag "
-            f"index DOCS_DIR --db {db}` (or `rag.index`)."
-        )
-    manifest = store.read_manifest(db)
-    embedder = store.get_embedder(embedding, manifest, db)
-    vectors = embeddings.embed(embedder, questions, query=True)
-    with store.open_collection(db) as (collection, _):
+    with store.open_collection(db) as (collection, manifest):
+        embedder = store.get_embedder(embedding, manifest, db)
+        vectors = embeddings.embed(embedder, questions, query=True)
         model = (collection.metadata or {}).get("embedding_model")
         if model != manifest["embedding"]["name"]:
             raise ValueError(

@@ -169,10 +169,10 @@ def get_embedder(embedding, manifest, db):
             )
         embedding = stored["name"]
     if embedding is None or isinstance(embedding, (str, os.PathLike)):
-        name, _ = embeddings.resolve_model(embedding)
-        if stored is not None and name != stored["name"]:
-            _refuse(db, stored, name)
-        return embeddings.SentenceEmbedder(embedding)
+        embedder = embeddings.SentenceEmbedder(embedding)  # resolves only
+        if stored is not None and embedder.name != stored["name"]:
+            _refuse(db, stored, embedder.name)
+        return embedder
     if not callable(embedding):
         raise TypeError(
             "`embedding` must be a model folder or name, or a function from "

@@ -69,12 +69,23 @@ def abstract_parameter_count(kwargs):
     abstract_parameter_count(GEMMA2_9B)  # 9241705984
     ```
     """
+    import json
     import math
 
     from keras_gemma2 import deferred
     from keras_gemma2.backbone import Gemma2Backbone
 
-    # The variables stay deferred and are dropped: nothing is allocated.
-    with deferred.deferred_variables():
-        backbone = Gemma2Backbone(**kwargs)
-    return sum(math.prod(w.shape) for w in backbone.weights)
+    # Memoized: an abstract build of the 27B takes seconds, and
+    # `distribution.device_table` asks for each size eight times.
+    key = json.dumps(kwargs, sort_keys=True, default=repr)
+    if key not in _PARAMETER_COUNTS:
+        # The variables stay deferred and are dropped: nothing is allocated.
+        with deferred.deferred_variables():
+            backbone = Gemma2Backbone(**kwargs)
+        _PARAMETER_COUNTS[key] = sum(
+            math.prod(w.shape) for w in backbone.weights
+        )
+    return _PARAMETER_COUNTS[key]
+
+
+_PARAMETER_COUNTS = {}

@@ -280,16 +280,11 @@ def multiple_choice(lm, pairs, options=10):
     scores = []
     for i in range(0, len(prompts), 200):
         batch = {k: v[i : i + 200] for k, v in chat.items()}
-        _, labels, weights = lm.preprocessor(batch)
-        logits = np.asarray(
-            keras.ops.convert_to_numpy(lm.predict_on_batch(batch)), "float64"
-        )
-        top = logits.max(-1, keepdims=True)
-        log_probs = logits - top
-        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-        labels = keras.ops.convert_to_numpy(labels)
-        picked = np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
-        scores.append((picked * keras.ops.convert_to_numpy(weights)).sum(-1))
+        x, _, response = lm.preprocessor(batch)
+        # `score`'s token t is the label at t - 1: sum the response's.
+        log_probs = lm.score(x["token_ids"], x["padding_mask"])
+        response = keras.ops.convert_to_numpy(response)
+        scores.append((log_probs[:, 1:] * response[:, :-1]).sum(-1))
     scores = np.concatenate(scores).reshape(-1, options)
     return float(np.mean(scores.argmax(-1) == 0))
 

@@ -305,14 +305,14 @@ def _with_noise(init, a, b):
     rng = np.random.default_rng(0)
     # Plain copies with the effective (base + LoRA) kernels, no adapters.
     a, b = merging.liti(init, a, eta=1.0), merging.liti(init, b, eta=1.0)
-    arrays = {}
+    arrays = []
     for w0, wa, wb in zip(init.weights, a.weights, b.weights):
         w0, wa, wb = (keras.ops.convert_to_numpy(w) for w in (w0, wa, wb))
         noise = rng.standard_normal(w0.shape)
         noise *= np.linalg.norm(wb - w0) / max(np.linalg.norm(noise), 1e-12)
-        arrays[len(arrays)] = w0 + np.sin(np.pi / 4) * (wa - w0 + noise)
+        arrays.append(w0 + np.sin(np.pi / 4) * (wa - w0 + noise))
     model = _load()
-    for variable, value in zip(model.weights, arrays.values()):
+    for variable, value in zip(model.weights, arrays):
         variable.assign(value.astype(variable.dtype))
     return model
 

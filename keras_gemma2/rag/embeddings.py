@@ -16,6 +16,9 @@ _OLLAMA_NAMES = {
     "mxbai-embed-large": "mixedbread-ai/mxbai-embed-large-v1",
     "all-minilm": DEFAULT_EMBEDDING,
 }
+# Hugging Face repos whose model is custom code (`trust_remote_code`), which
+# keras_gemma2 never runs: no folder of theirs would load.
+_REMOTE_CODE = {"nomic-ai/nomic-embed-text-v1.5"}
 
 
 @typing.runtime_checkable
@@ -201,19 +204,16 @@ def resolve_model(model):
     if os.path.isdir(model):
         path = os.path.abspath(model)
         return path, path
-    if model == "nomic-embed-text":
-        # Its Hugging Face repo ships its model as custom code
-        # (`trust_remote_code`), which keras_gemma2 never runs.
-        raise ValueError(
-            "'nomic-embed-text' is Ollama's name for "
-            "'nomic-ai/nomic-embed-text-v1.5', whose Hugging Face model is "
-            "custom code that keras_gemma2 does not run. Serve it with "
-            "Ollama and pass an embedding function from Python (README.md, "
-            "'Another embedding model'), or leave --embedding out for the "
-            "bundled all-MiniLM-L6-v2."
-        )
     if model in _OLLAMA_NAMES:
         repo = _OLLAMA_NAMES[model]
+        if repo in _REMOTE_CODE:
+            raise ValueError(
+                f"{model!r} is Ollama's name for {repo!r}, whose Hugging "
+                "Face model is custom code that keras_gemma2 does not run. "
+                "Serve it with Ollama and pass an embedding function from "
+                "Python (README.md, 'Another embedding model'), or leave "
+                "--embedding out for the bundled all-MiniLM-L6-v2."
+            )
         raise ValueError(
             f"{model!r} is Ollama's name for the Hugging Face model {repo!r}; "
             "keras_gemma2 runs embedding models with transformers and never "

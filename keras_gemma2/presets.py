@@ -8,12 +8,14 @@ from keras_gemma2 import atomic
 
 _KAGGLE = "kaggle://keras/gemma2/keras"
 
-# The folder that holds `gemma2_tiny_en`; `KERAS_GEMMA2_PRESETS_DIR` overrides
-# it for installs that keep the presets elsewhere.
+# The folder that holds `gemma2_tiny_en`: package data, so that a wheel
+# install (`pip install .`, `pip install git+URL`) carries it.
+# `KERAS_GEMMA2_PRESETS_DIR` overrides it for installs that keep the presets
+# elsewhere.
 PRESETS_DIR = pathlib.Path(
     os.environ.get(
         "KERAS_GEMMA2_PRESETS_DIR",
-        pathlib.Path(__file__).resolve().parent.parent / "presets",
+        pathlib.Path(__file__).resolve().parent / "bundled_presets",
     )
 )
 
@@ -221,9 +223,14 @@ def resolve(preset, kwargs):
         handle = entry["kaggle_handle"]
         if "://" not in handle and not os.path.isdir(handle):
             raise FileNotFoundError(
-                f"The bundled preset `{preset}` is not at {handle}. Install "
-                "keras_gemma2 from a clone (`pip install -e .`) or set "
-                "KERAS_GEMMA2_PRESETS_DIR to the folder that holds it."
+                f"The bundled preset `{preset}` is not at {handle}. "
+                + (
+                    "Unset KERAS_GEMMA2_PRESETS_DIR, or point it at the "
+                    "folder that holds it."
+                    if "KERAS_GEMMA2_PRESETS_DIR" in os.environ
+                    else "Reinstall keras_gemma2 (the wheel carries it), or "
+                    "set KERAS_GEMMA2_PRESETS_DIR to the folder that holds it."
+                )
             )
         return handle, kwargs
     if "://" in preset or os.path.exists(preset):

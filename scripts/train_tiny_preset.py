@@ -106,7 +106,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument(
-        "--output", default=str(ROOT / "presets/gemma2_tiny_en")
+        "--output", default=str(ROOT / "keras_gemma2/bundled_presets/gemma2_tiny_en")
     )
     args = parser.parse_args()
 

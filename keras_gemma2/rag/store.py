@@ -1,9 +1,7 @@
 """Incremental, atomic indexing of a folder into a Chroma database."""
 
-import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import pathlib
 import shutil
@@ -11,13 +9,11 @@ import warnings
 
 from keras_gemma2 import atomic
 from keras_gemma2.rag import chunking
+from keras_gemma2.rag import database
 from keras_gemma2.rag import embeddings
+from keras_gemma2.rag import lock
 
 DEFAULT_GLOBS = ("**/*.md", "**/*.txt")
-COLLECTION = "documents"
-# Written last into each new state of the database: what is indexed, how.
-MANIFEST = "keras_gemma2_rag.json"
-FORMAT = "keras_gemma2.rag/1"
 
 
 @dataclasses.dataclass
@@ -48,6 +44,7 @@ def index(
     chunk_size=1000,
     chunk_overlap=200,
     embedding=None,
+    lock_timeout=600.0,
 ):
     """Indexes text and Markdown files into a persistent Chroma database.
 
@@ -56,8 +53,12 @@ def index(
     Run it again after editing the folder: only files whose content hash
     changed are embedded again, chunks of deleted files are removed, and
     an unchanged folder writes nothing. Each run builds the new state in a
-    copy of the database beside it and swaps it in with a rename, so an
-    interrupted run leaves the previous database as it was.
+    copy of the database beside it, flushes it to disk and swaps it in
+    with a rename, so an interrupted run (or a power cut) leaves the
+    previous database as it was. Runs on the same database take turns: a
+    second one waits for the first (see `lock_timeout`), then indexes
+    what is left to do. A database whose Chroma files were deleted or
+    damaged raises `DamagedDatabaseError`, which says how to rebuild it.
 
     Args:
         docs_dir: str. The folder to index.
@@ -73,6 +74,10 @@ def index(
             `SentenceEmbedder`), or an `Embedder`. Defaults to the model the
             database was built with, else all-MiniLM-L6-v2. A database
             refuses a model other than its own.
+        lock_timeout: float. Seconds to wait for another `index` run on
+            the same database to finish before raising
+            `rag.DatabaseBusyError` (a `ValueError` and a `TimeoutError`).
+            Defaults to `600`.
 
     Returns:
         An `IndexReport`.
@@ -92,10 +97,18 @@ def index(
     """
     chunking.check_chunking(chunk_size, chunk_overlap)
     db = os.path.abspath(os.fspath(db))
-    manifest = read_manifest(db)
+    settings = {"chunk_size": chunk_size, "chunk_overlap": chunk_overlap}
+    with lock.locked(db, timeout=lock_timeout):
+        return _index_locked(docs_dir, db, glob, settings, embedding)
+
+
+def _index_locked(docs_dir, db, glob, settings, embedding):
+    """`index`, holding the database's lock."""
+    manifest = database.read_manifest(db)
+    if manifest is not None:
+        database.check_database(db)
     embedder = get_embedder(embedding, manifest, db)
     texts, report = _read_folder(docs_dir, glob, db)
-    settings = {"chunk_size": chunk_size, "chunk_overlap": chunk_overlap}
     old_files = manifest["files"] if manifest else {}
     same_chunking = manifest is not None and all(
         manifest[key] == value for key, value in settings.items()
@@ -121,8 +134,8 @@ def index(
     with atomic.staged_folder(db, "indexing") as staging:
         if manifest is not None:
             shutil.copytree(db, staging, dirs_exist_ok=True)
-        with _client(staging) as client:
-            collection = _Collection(client, embedder, manifest, settings)
+        with database.client(staging, db) as client:
+            collection = _Collection(client, embedder, manifest, settings, db)
             for source in gone:
                 report.chunks_removed += old_files[source]["chunks"]
                 collection.delete(source)
@@ -131,31 +144,9 @@ def index(
                 files[source] = {"sha256": digest, "chunks": count}
                 report.chunks_added += count
             collection.finish()
-        _write_manifest(staging, collection.metadata, files)
+        database.write_manifest(staging, collection.metadata, files)
     report.written = True
     return report
-
-
-def read_manifest(db):
-    """The database's manifest; `None` for a missing or empty folder."""
-    if os.path.exists(db) and not os.path.isdir(db):
-        raise ValueError(f"{db} is a file, not a database folder.")
-    if not os.path.isdir(db) or not os.listdir(db):
-        return None
-    path = os.path.join(db, MANIFEST)
-    if not os.path.exists(path):
-        raise ValueError(
-            f"{db} is not empty and is not a keras_gemma2 RAG database (it "
-            f"has no {MANIFEST}). Choose a new or empty folder for --db."
-        )
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(
-            f"{path} is in format {manifest.get('format')!r}; this version "
-            f"of keras_gemma2 reads {FORMAT!r}. Index into a new folder."
-        )
-    return manifest
 
 
 def get_embedder(embedding, manifest, db):
@@ -182,20 +173,6 @@ def get_embedder(embedding, manifest, db):
     if stored is not None and name != stored["name"]:
         _refuse(db, stored, name)
     return embedding
-
-
-@contextlib.contextmanager
-def open_collection(db):
-    """Yields `(collection, manifest)` of an existing database."""
-    db = os.path.abspath(os.fspath(db))
-    if not os.path.isdir(db) or not os.listdir(db):
-        raise FileNotFoundError(
-            f"No database at {db}. Create it first with `keras-gemma2 rag "
-            f"index DOCS_DIR --db {db}` (or `rag.index`)."
-        )
-    manifest = read_manifest(db)
-    with _client(db) as client:
-        yield client.get_collection(COLLECTION), manifest
 
 
 def _refuse(db, stored, name):
@@ -270,22 +247,10 @@ def _decode(data):
     return text.replace("\r\n", "\n").replace("\r", "\n"), None
 
 
-@contextlib.contextmanager
-def _client(path):
-    """A persistent Chroma client on `path`, closed on exit."""
-    import chromadb
-    from chromadb.config import Settings
-
-    # No telemetry: a local database stays local.
-    settings = Settings(anonymized_telemetry=False)
-    with chromadb.PersistentClient(path, settings=settings) as client:
-        yield client
-
-
 class _Collection:
     """The staging copy's collection, created at the first vectors."""
 
-    def __init__(self, client, embedder, manifest, settings):
+    def __init__(self, client, embedder, manifest, settings, db):
         self.client = client
         self.embedder = embedder
         self.metadata = {
@@ -298,7 +263,7 @@ class _Collection:
         }
         self.collection = None
         if manifest is not None:
-            self.collection = client.get_collection(COLLECTION)
+            self.collection = database.get_collection(client, manifest, db)
         self.batch_size = client.get_max_batch_size()
 
     def delete(self, source):
@@ -345,7 +310,7 @@ class _Collection:
         self.metadata["embedding"]["dimension"] = dimension
         if self.collection is None:
             self.collection = self.client.create_collection(
-                COLLECTION,
+                database.COLLECTION,
                 metadata=self._chroma_metadata(),
                 # 1 - cosine similarity: blind to the vectors' norms, so
                 # any embedder's vectors rank as its model intends.
@@ -361,13 +326,3 @@ class _Collection:
             "chunk_size": self.metadata["chunk_size"],
             "chunk_overlap": self.metadata["chunk_overlap"],
         }
-
-
-def _write_manifest(staging, metadata, files):
-    manifest = {
-        "format": FORMAT,
-        **metadata,
-        "files": dict(sorted(files.items())),
-    }
-    with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)

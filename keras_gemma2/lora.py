@@ -14,6 +14,7 @@ keras_gemma2.lora.save_adapters(lm.backbone, "adapters.safetensors")
 """
 
 import json
+import numbers
 import os
 
 import numpy as np
@@ -68,9 +69,21 @@ def enable(
     import keras
 
     targets = _check_targets(targets)
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"`rank` must be a positive int; got {rank!r}.")
-    if not 0 <= dropout < 1:
+    check_rank(rank)
+    if alpha is not None and (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, numbers.Real)
+        or not alpha > 0
+    ):
+        raise ValueError(
+            f"`alpha` must be a number above 0 (adapter outputs are scaled "
+            f"by alpha / rank); got {alpha!r}. Leave it out for alpha = rank."
+        )
+    if (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, numbers.Real)
+        or not 0 <= dropout < 1
+    ):
         raise ValueError(f"`dropout` must be in [0, 1); got {dropout!r}.")
     if getattr(backbone, "_lora_enabled_layers", None):
         raise ValueError(
@@ -373,6 +386,15 @@ def _target_layer(block, name):
     if name in ATTENTION_TARGETS:
         return getattr(block.attention, name)
     return getattr(block, name)
+
+
+def check_rank(rank):
+    """Refuses a LoRA rank that is not an int of at least 1."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(
+            f"`rank` must be an int of at least 1; got {rank!r}. Typical "
+            "LoRA ranks are 4 to 64."
+        )
 
 
 def _check_targets(targets):

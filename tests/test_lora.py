@@ -81,13 +81,37 @@ class EnableTest(TestCase):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"rank": 0}, "positive int"),
-        ({"rank": 2, "targets": ["q_proj"]}, "Unknown LoRA targets"),
+        ({"rank": 0}, "`rank` must be an int of at least 1; got 0"),
+        ({"rank": -2}, "`rank` must be an int of at least 1; got -2"),
+        ({"rank": 1.5}, "`rank` must be an int of at least 1; got 1.5"),
+        ({"rank": True}, "`rank` must be an int of at least 1; got True"),
+        ({"rank": 2, "alpha": 0}, "`alpha` must be a number above 0"),
+        ({"rank": 2, "alpha": -4.0}, "`alpha` must be a number above 0"),
+        ({"rank": 2, "dropout": 1.0}, r"`dropout` must be in \[0, 1\)"),
+        ({"rank": 2, "dropout": -0.1}, r"`dropout` must be in \[0, 1\)"),
+        (
+            {"rank": 2, "targets": ["q_proj"]},
+            r"Unknown LoRA targets \['q_proj'\]: choose among \('query'",
+        ),
     ],
 )
 def test_bad_options_are_clear_errors(kwargs, match):
+    backbone = _lm().backbone
+    trainable = [v.path for v in backbone.trainable_variables]
     with pytest.raises(ValueError, match=match):
-        lora.enable(_lm().backbone, **kwargs)
+        lora.enable(backbone, **kwargs)
+    # Refused before anything changed: no adapters, nothing frozen.
+    assert not lora.adapter_variables(backbone)
+    assert [v.path for v in backbone.trainable_variables] == trainable
+
+
+@pytest.mark.parametrize("rank", [0, -1, 2.0])
+def test_keras_hub_enable_lora_refuses_a_bad_rank(rank):
+    backbone = _lm().backbone
+    trainable = [v.path for v in backbone.trainable_variables]
+    with pytest.raises(ValueError, match="`rank` must be an int of at least"):
+        backbone.enable_lora(rank=rank)
+    assert [v.path for v in backbone.trainable_variables] == trainable
 
 
 class AdapterFileTest(TestCase):

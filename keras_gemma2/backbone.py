@@ -293,29 +293,40 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
         data_parallel_dim_name="batch",
         architecture=None,
     ):
-        """A `keras.distribution.LayoutMap` that shards Gemma 2 weights.
+        """A `keras.distribution.LayoutMap` that shards Gemma 2 of any size.
 
-        Embeddings by vocabulary, attention projections by heads (by
-        head_dim where the model axis does not divide the key/value heads),
-        FFN matrices by width; norms and LoRA adapters replicated. See
-        `keras_gemma2.distribution.get_layout_map`.
+        Each weight's sharded axis is chosen from its own shape as it is
+        created: embeddings by vocabulary, attention projections by heads
+        (by head_dim where the model axis does not divide the key/value
+        heads), FFN matrices by width; norms and LoRA adapters replicated.
+        So the same call serves the tiny preset, 2B, 9B, 27B and custom
+        sizes; a weight the model axis cannot divide raises a ValueError
+        naming it. See `keras_gemma2.distribution.get_layout_map`.
 
         Args:
             device_mesh: a `keras.distribution.DeviceMesh`.
             model_parallel_dim_name: string. The mesh axis for weights.
             data_parallel_dim_name: string. The mesh axis for batches.
-            architecture: dict or None. The backbone kwargs to plan for;
-                `None` plans a map valid for 2B, 9B and 27B alike.
+            architecture: dict or None. Backbone kwargs to check the mesh
+                against up front; the layouts follow the weights' shapes
+                either way. Defaults to None.
 
         Example:
         ```python
+        devices = keras.distribution.list_devices()
         mesh = keras.distribution.DeviceMesh(
-            (1, 1), ("batch", "model"), keras.distribution.list_devices()[:1]
+            (1, len(devices)), ("batch", "model"), devices
         )
         layout_map = keras_gemma2.Gemma2Backbone.get_layout_map(mesh)
         distribution = keras.distribution.ModelParallel(
             layout_map=layout_map, batch_dim_name="batch"
         )
+        with distribution.scope():
+            backbone = keras_gemma2.Gemma2Backbone(
+                vocabulary_size=97, num_layers=2, num_query_heads=4,
+                num_key_value_heads=2, hidden_dim=24, intermediate_dim=40,
+                head_dim=8,
+            )
         ```
         """
         from keras_gemma2 import distribution

@@ -1,6 +1,8 @@
 """Run in a subprocess by test_distribution.py: 8 virtual CPU devices, JAX.
 
-Prints one JSON line of measurements; the test asserts on them.
+Prints one JSON line of measurements; the test asserts on them. The 2 x 4
+mesh takes `Gemma2Backbone.get_layout_map(mesh)` as KerasHub users call it,
+with no architecture: the map must find each weight's shape by itself.
 """
 
 import json
@@ -52,7 +54,7 @@ def run(lm, token_ids):
 
 
 def shardings(lm, mesh_shape):
-    """Each weight's sharded axis as placed, and as the plan says."""
+    """Each weight's sharded axes as placed, and as the plan says."""
     plan = plan_layouts(KWARGS, mesh_shape[1])
     placed, planned = {}, {}
     for w in lm.backbone.weights:
@@ -69,6 +71,34 @@ def shardings(lm, mesh_shape):
     return placed, planned
 
 
+def unsharded_matrices(lm):
+    """Paths of the embedding and kernels that the model axis leaves whole."""
+    return [
+        w.path
+        for w in lm.backbone.weights
+        if len(w.shape) >= 2
+        and "lora" not in w.path
+        and "model" not in tuple(w.value.sharding.spec)
+    ]
+
+
+def undividable_error():
+    """What building the tiny model on a 7-device model axis raises."""
+    mesh = keras.distribution.DeviceMesh(
+        (1, 7), ("batch", "model"), keras.distribution.list_devices()[:7]
+    )
+    layout_map = keras_gemma2.Gemma2Backbone.get_layout_map(mesh)
+    parallel = keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="batch"
+    )
+    try:
+        with parallel.scope():
+            keras_gemma2.Gemma2Backbone(**KWARGS)
+    except Exception as error:  # the test asserts on its type and text
+        return {"type": type(error).__name__, "message": str(error)}
+    return None
+
+
 def main():
     assert len(keras.distribution.list_devices()) == 8
     token_ids = references.random_token_ids(batch=2, length=9, seed=5)
@@ -76,16 +106,22 @@ def main():
     weights = keras_gemma2.Gemma2Backbone(**KWARGS).get_weights()
     single = run(build(weights), token_ids)
     report = {}
-    for mesh_shape in ((2, 4), (1, 8)):
+    # No architecture on 2 x 4 (the KerasHub call); the tiny one on 1 x 8.
+    for mesh_shape, architecture in (((2, 4), None), ((1, 8), KWARGS)):
         mesh = keras.distribution.DeviceMesh(
             mesh_shape, ("batch", "model"), keras.distribution.list_devices()
         )
+        if architecture is None:
+            layout_map = keras_gemma2.Gemma2Backbone.get_layout_map(mesh)
+        else:
+            layout_map = get_layout_map(architecture, mesh)
         distribution = keras.distribution.ModelParallel(
-            layout_map=get_layout_map(KWARGS, mesh), batch_dim_name="batch"
+            layout_map=layout_map, batch_dim_name="batch"
         )
         with distribution.scope():
             lm = build(weights)
             placed, planned = shardings(lm, mesh_shape)
+            unsharded = unsharded_matrices(lm)
             logits, generated, losses = run(lm, token_ids)
         report[str(mesh_shape)] = {
             "logits_diff": float(np.abs(logits - single[0]).max()),
@@ -94,6 +130,7 @@ def main():
             "losses": losses,
             "placed_as_planned": placed == planned,
             "sharded_weights": sum(bool(v) for v in placed.values()),
+            "unsharded_matrices": unsharded,
             "cache_axes": list(kv_cache_layout(KWARGS, mesh).axes),
         }
     data_parallel = keras.distribution.DataParallel(
@@ -104,6 +141,7 @@ def main():
     report["data_parallel"] = {
         "loss_diff": max(abs(a - b) for a, b in zip(losses, single[2]))
     }
+    report["undividable"] = undividable_error()
     print(json.dumps(report))
 
 

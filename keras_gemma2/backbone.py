@@ -242,6 +242,15 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
             for capacity in self.cache_capacities(max_length)
         )
 
+    def enable_lora(self, rank, target_layer_names=None):
+        """KerasHub's `enable_lora`, refusing a rank below 1 before it
+        freezes anything; `keras_gemma2.lora.enable` adds alpha, dropout
+        and any target."""
+        from keras_gemma2 import lora
+
+        lora.check_rank(rank)
+        return super().enable_lora(rank, target_layer_names)
+
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """Quantizes the matrices and the embedding (`"int8"`, `"int4"`).
 

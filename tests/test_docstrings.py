@@ -10,6 +10,7 @@ import pytest
 
 import keras_gemma2
 from keras_gemma2 import architectures
+from keras_gemma2 import atomic  # noqa: F401 (keras_gemma2.atomic below)
 from keras_gemma2 import distribution
 from keras_gemma2 import generation
 from keras_gemma2 import presets as presets_lib
@@ -33,6 +34,7 @@ PUBLIC = [
     architectures.abstract_parameter_count,
     keras_gemma2.Gemma2Backbone.get_layout_map,
     distribution.get_layout_map,
+    distribution.Gemma2LayoutMap,
     distribution.memory_bytes,
     distribution.kv_cache_bytes,
     keras_gemma2.Gemma2Backbone.cache_capacities,
@@ -59,6 +61,8 @@ PUBLIC = [
     rag.index,
     rag.retrieve,
     rag.ask,
+    rag.lock.locked,
+    keras_gemma2.atomic.staged_folder,
 ]
 
 
@@ -76,6 +80,7 @@ def test_every_public_name_has_an_example():
 DISTRIBUTED = {
     keras_gemma2.Gemma2Backbone.get_layout_map,
     distribution.get_layout_map,
+    distribution.Gemma2LayoutMap,
 }
 
 

@@ -20,7 +20,8 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
     set by `compile(sampler=...)` (`"greedy"` by default; `"top_k"`,
     `"top_p"`, `"beam"`, `"random"`, `"contrastive"` or a
     `keras_hub.samplers.Sampler`). It stops at `<eos>` and at `<end_of_turn>`
-    by default, so instruction-tuned presets end with their turn.
+    (where the vocabulary has one) by default, so instruction-tuned presets
+    end with their turn.
     `fit()` trains on strings through the preprocessor; after
     `backbone.enable_lora(rank)` only the LoRA weights train.
 
@@ -265,7 +266,8 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
                 preprocessor's `sequence_length`.
             max_new_tokens: int. Generate at most this many tokens after each
                 prompt; exclusive with `max_length`.
-            stop_token_ids: `"auto"` (`<eos>` and `<end_of_turn>`), `None`
+            stop_token_ids: `"auto"` (the tokenizer's `stop_token_ids`:
+                `<eos>`, and `<end_of_turn>` where it exists), `None`
                 (never stop early) or a sequence of ids.
             strip_prompt: bool. Return only the generated continuation.
             stream: bool. Return an iterator that yields the continuation of
@@ -308,8 +310,9 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
             if self.preprocessor is None:
                 raise ValueError(
                     "`stop_token_ids='auto'` needs a preprocessor to know the "
-                    "tokenizer. Pass `stop_token_ids=(1, 107)` (`<eos>`, "
-                    "`<end_of_turn>`) or `None`."
+                    "tokenizer. Pass the ids of `<eos>` and `<end_of_turn>` "
+                    "(`stop_token_ids=(1, 107)` in Gemma's vocabulary) or "
+                    "`None`."
                 )
             stop_token_ids = self.preprocessor.tokenizer.stop_token_ids
         if stop_token_ids is not None:

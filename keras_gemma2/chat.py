@@ -5,7 +5,42 @@ END_OF_TURN = "<end_of_turn>"
 _ROLES = {"user": "user", "model": "model", "assistant": "model"}
 
 
-def format_chat(messages, add_generation_prompt=True):
+def check_tokenizer(tokenizer):
+    """Raises a ValueError unless `tokenizer` encodes the chat turn markers.
+
+    A vocabulary without `<start_of_turn>`/`<end_of_turn>` (a base model's
+    own, say) would split them into ordinary pieces, and so would one that
+    holds them as control pieces, which SentencePiece never produces from
+    text: either way the model would see no turns, silently.
+
+    Args:
+        tokenizer: a `Gemma2Tokenizer`.
+    """
+    marker_ids = {
+        START_OF_TURN: tokenizer.start_of_turn_token_id,
+        END_OF_TURN: tokenizer.end_of_turn_token_id,
+    }
+    missing = [marker for marker, i in marker_ids.items() if i is None]
+    if missing:
+        raise ValueError(
+            f"This tokenizer's vocabulary has no {'/'.join(missing)}; chat "
+            "formatting needs an instruction-tuned Gemma vocabulary, with "
+            f"{START_OF_TURN} and {END_OF_TURN} pieces. Pass the prompt as "
+            "plain text instead."
+        )
+    ids = [int(i) for i in tokenizer.tokenize(START_OF_TURN + END_OF_TURN)]
+    unparsed = [marker for marker, i in marker_ids.items() if i not in ids]
+    if unparsed:
+        raise ValueError(
+            f"This tokenizer's {'/'.join(unparsed)} (id "
+            f"{', '.join(str(marker_ids[m]) for m in unparsed)}) never comes "
+            "out of text: the vocabulary holds it as a control piece, so "
+            "chat-formatted text would not reach the model as turns. Train "
+            "the vocabulary with the turn markers as `user_defined_symbols`."
+        )
+
+
+def format_chat(messages, add_generation_prompt=True, tokenizer=None):
     """Writes messages in the turns instruction-tuned Gemma 2 expects.
 
     `<start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n...`,
@@ -20,19 +55,26 @@ def format_chat(messages, add_generation_prompt=True):
         add_generation_prompt: bool. End with an open `<start_of_turn>model`
             turn, for `generate` (as Gemma's template, whatever the last
             role). Defaults to `True`.
+        tokenizer: optional `Gemma2Tokenizer` the prompt is meant for; its
+            vocabulary is checked to hold the turn markers (a clear error
+            instead of turns the model cannot see). Defaults to `None`
+            (not checked).
 
     Returns:
         The prompt string.
 
     Example:
     ```python
-    prompt = keras_gemma2.format_chat(
-        [{"role": "user", "content": "What is a tokenizer?"}]
-    )
     lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+    prompt = keras_gemma2.format_chat(
+        [{"role": "user", "content": "What is a tokenizer?"}],
+        tokenizer=lm.preprocessor.tokenizer,
+    )
     reply = lm.generate(prompt, max_new_tokens=8, strip_prompt=True)
     ```
     """
+    if tokenizer is not None:
+        check_tokenizer(tokenizer)
     if isinstance(messages, dict) or not messages:
         raise ValueError(
             "`messages` must be a non-empty list of {'role', 'content'} "
@@ -82,6 +124,7 @@ def chat(lm, input_fn=input, output=None, max_new_tokens=256, system=None):
     """An interactive chat: reads user turns, streams the model's replies.
 
     Ends at end of input or on `/exit`; `/reset` forgets the conversation.
+    A vocabulary without the turn markers is refused before the first turn.
     Prompts are bucketed by `generate`, so turns do not recompile.
 
     Args:
@@ -97,6 +140,7 @@ def chat(lm, input_fn=input, output=None, max_new_tokens=256, system=None):
     import sys
 
     output = output or sys.stdout
+    check_tokenizer(lm.preprocessor.tokenizer)  # before the first turn
     messages = []
     while True:
         try:

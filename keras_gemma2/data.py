@@ -2,7 +2,7 @@
 
 ```python
 data = keras_gemma2.data.load_instructions("train.jsonl")
-lm.fit(keras_gemma2.data.as_chat(data), batch_size=4)
+lm.fit(keras_gemma2.data.as_chat(data, lm.preprocessor.tokenizer))
 ```
 """
 
@@ -11,6 +11,8 @@ import json
 import os
 
 import numpy as np
+
+from keras_gemma2 import chat
 
 PROMPT_KEY = "prompt"
 RESPONSE_KEY = "response"
@@ -83,25 +85,35 @@ def load_instructions(
     return {"prompts": prompts, "responses": responses}
 
 
-def as_chat(data):
+def as_chat(data, tokenizer=None):
     """Wraps prompt/response pairs in Gemma's chat turns.
 
     Each prompt becomes a user turn followed by the open model turn, and
     each response ends with `<end_of_turn>`, so a model fine-tuned on them
     answers instruction-style and stops at the end of its turn.
 
+    Args:
+        data: `{"prompts": [...], "responses": [...]}`.
+        tokenizer: optional `Gemma2Tokenizer` of the model to train (e.g.
+            `lm.preprocessor.tokenizer`); a vocabulary without the turn
+            markers is then refused, instead of training on turns that
+            tokenize to ordinary pieces. Defaults to `None` (not checked).
+
     Example:
     ```python
-    keras_gemma2.data.as_chat({"prompts": ["Say hi."], "responses": ["Hi!"]})
+    data = {"prompts": ["Say hi."], "responses": ["Hi!"]}
+    keras_gemma2.data.as_chat(data)
+    tokenizer = keras_gemma2.Gemma2Tokenizer.from_preset("gemma2_tiny_en")
+    keras_gemma2.data.as_chat(data, tokenizer=tokenizer)
     ```
     """
-    from keras_gemma2.chat import END_OF_TURN
-    from keras_gemma2.chat import format_chat
-
+    if tokenizer is not None:
+        chat.check_tokenizer(tokenizer)
     prompts = [
-        format_chat([{"role": "user", "content": p}]) for p in data["prompts"]
+        chat.format_chat([{"role": "user", "content": p}])
+        for p in data["prompts"]
     ]
-    responses = [r.strip() + END_OF_TURN for r in data["responses"]]
+    responses = [r.strip() + chat.END_OF_TURN for r in data["responses"]]
     return {"prompts": prompts, "responses": responses}
 
 

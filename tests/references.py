@@ -1,8 +1,14 @@
 """Reference twins: tiny random HF `Gemma2ForCausalLM`s with our weights.
 
 The weight move here is the test's own (HF layout -> our layout); the public
-converters are another issue. Everything compares float32 numerics.
+converters are another issue. Everything compares float32 numerics. Small
+SentencePiece vocabularies with any special-token layout come from the
+`sentencepiece` trainer itself.
 """
+
+import io
+import os
+import pathlib
 
 import numpy as np
 
@@ -35,8 +41,74 @@ def random_token_ids(batch=2, length=11, seed=0):
     return ids.astype("int32")
 
 
-def hf_config(**kwargs):
-    """A transformers `Gemma2Config` matching our backbone kwargs."""
+# Gemma's ids (shared/GEMMA2.md) and a Llama-like layout whose turn markers
+# sit right after the four basic pieces.
+GEMMA_IDS = {"pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3}
+OTHER_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
+TURN_MARKERS = ["<start_of_turn>", "<end_of_turn>"]
+
+
+def sentencepiece_vocabulary(
+    vocabulary_size=400, ids=GEMMA_IDS, user_symbols=(), control_symbols=()
+):
+    """The bytes of a BPE SentencePiece model trained on the package's docs.
+
+    Pieces are named `<pad>`, `<eos>`, `<bos>`, `<unk>`, at `ids`; the
+    symbols follow them in order (`TURN_MARKERS` as `user_symbols` after
+    four basic pieces: ids 4 and 5). An id of -1 leaves its piece out.
+    """
+    import sentencepiece as spm
+
+    docs = pathlib.Path(__file__).resolve().parent.parent / "keras_gemma2"
+    docs = sorted((docs / "datasets" / "rag_docs").rglob("*.md"))[:5]
+    lines = [
+        line
+        for doc in docs
+        for line in doc.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocabulary_size,
+        **ids,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=list(user_symbols),
+        control_symbols=list(control_symbols),
+        byte_fallback=True,  # 256 byte pieces: 400 fit a small text
+        # Gemma's text handling, as scripts/train_tiny_preset.py (and the
+        # one transformers' GemmaTokenizer assumes when it converts one).
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def hf_folder(path, hf, proto=None):
+    """Saves `hf` as a checkpoint folder; `proto` as its `tokenizer.model`."""
+    hf.save_pretrained(path)
+    if proto is not None:
+        with open(os.path.join(path, "tokenizer.model"), "wb") as f:
+            f.write(proto)
+    return path
+
+
+def hf_config(token_ids=None, **kwargs):
+    """A transformers `Gemma2Config` matching our backbone kwargs.
+
+    `token_ids`: optional `pad_token_id`/`bos_token_id`/`eos_token_id`
+    (transformers' defaults are Gemma's 0/2/1).
+    """
     import transformers
 
     k = {**TINY_KWARGS, **kwargs}
@@ -54,16 +126,17 @@ def hf_config(**kwargs):
         final_logit_softcapping=k["final_logit_soft_cap"],
         max_position_embeddings=128,
         hidden_activation="gelu_pytorch_tanh",
+        **(token_ids or {}),
     )
 
 
-def hf_model(seed=0, **kwargs):
+def hf_model(seed=0, token_ids=None, **kwargs):
     """A random float32 HF Gemma 2 on the eager path (keeps the soft cap)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    config = hf_config(**kwargs)
+    config = hf_config(token_ids, **kwargs)
     config._attn_implementation = "eager"
     model = transformers.Gemma2ForCausalLM(config).eval()
     # HF initialises norms at zero and embeddings with std 0.02; widen both

@@ -1,8 +1,12 @@
 """`format_chat` against Gemma's own chat template, rendered by jinja2."""
 
+import io
+
 import pytest
 
 import keras_gemma2
+from keras_gemma2 import chat
+from tests import references
 
 # The chat template of Gemma 2's instruction-tuned tokenizer_config.json.
 GEMMA_TEMPLATE = (
@@ -90,3 +94,62 @@ def test_chat_markers_tokenize_to_gemma_ids():
 def test_bad_messages_are_clear_errors(messages, match):
     with pytest.raises(ValueError, match=match):
         keras_gemma2.format_chat(messages)
+
+
+def test_a_tokenizer_with_turn_markers_changes_nothing():
+    tokenizer = keras_gemma2.Gemma2Tokenizer.from_preset("gemma2_tiny_en")
+    assert keras_gemma2.format_chat(
+        CONVERSATION, tokenizer=tokenizer
+    ) == keras_gemma2.format_chat(CONVERSATION)
+
+
+def _tokenizer(**kwargs):
+    proto = references.sentencepiece_vocabulary(**kwargs)
+    return keras_gemma2.Gemma2Tokenizer(proto=proto)
+
+
+def test_a_vocabulary_without_turn_markers_is_refused():
+    tokenizer = _tokenizer()
+    with pytest.raises(
+        ValueError,
+        match="vocabulary has no <start_of_turn>/<end_of_turn>; chat "
+        "formatting needs an instruction-tuned Gemma vocabulary",
+    ):
+        keras_gemma2.format_chat(CONVERSATION, tokenizer=tokenizer)
+
+
+def test_a_vocabulary_with_one_turn_marker_names_the_other():
+    tokenizer = _tokenizer(user_symbols=["<start_of_turn>"])
+    assert tokenizer.start_of_turn_token_id == 4
+    with pytest.raises(ValueError, match="has no <end_of_turn>;"):
+        keras_gemma2.format_chat(CONVERSATION, tokenizer=tokenizer)
+
+
+def test_turn_markers_that_text_never_produces_are_refused():
+    # Control pieces exist in the vocabulary, but SentencePiece never cuts
+    # them out of text: the prompt would reach the model without turns.
+    tokenizer = _tokenizer(control_symbols=references.TURN_MARKERS)
+    assert tokenizer.stop_token_ids == (1, 5)
+    prompt = keras_gemma2.format_chat(CONVERSATION[:1])
+    assert 4 not in [int(i) for i in tokenizer(prompt)]
+    with pytest.raises(ValueError, match="control piece"):
+        keras_gemma2.format_chat(CONVERSATION, tokenizer=tokenizer)
+
+
+def test_chat_refuses_before_the_first_turn():
+    tokenizer = _tokenizer()
+    backbone = keras_gemma2.Gemma2Backbone(
+        **{**references.TINY_KWARGS, "vocabulary_size": 400}
+    )
+    lm = keras_gemma2.Gemma2CausalLM(
+        backbone, keras_gemma2.Gemma2CausalLMPreprocessor(tokenizer)
+    )
+    asked = []
+
+    def read():
+        asked.append(True)
+        return "Hi"
+
+    with pytest.raises(ValueError, match="has no <start_of_turn>"):
+        chat.chat(lm, input_fn=read, output=io.StringIO())
+    assert not asked

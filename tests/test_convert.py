@@ -7,6 +7,7 @@ import shutil
 import keras
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 import keras_gemma2
 from keras_gemma2 import presets  # noqa: F401
@@ -223,6 +224,162 @@ class TokenizerFromCheckpointTest(TestCase):
         reference = keras_gemma2.Gemma2Tokenizer.from_preset("gemma2_tiny_en")
         text = "<start_of_turn>user\nCafé 42<end_of_turn>"
         np.testing.assert_array_equal(tokenizer(text), reference(text))
+
+
+class OtherVocabularyTest(TestCase):
+    """HF checkpoints with 400-piece vocabularies that are not Gemma's."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        # Turn markers at 4 and 5, <bos>/<eos>/<pad> at Llama-like 1/2/3.
+        cls.chat_proto = references.sentencepiece_vocabulary(
+            ids=references.OTHER_IDS, user_symbols=references.TURN_MARKERS
+        )
+        # A base vocabulary: Gemma's 0/1/2, no turn markers.
+        cls.base_proto = references.sentencepiece_vocabulary()
+
+    def _folder(self, proto, hf, name="hf"):
+        path = os.path.join(self.get_temp_dir(), name)
+        return references.hf_folder(path, hf, proto)
+
+    def _hf(self, seed=6):
+        return references.hf_model(
+            seed=seed,
+            vocabulary_size=400,
+            token_ids={"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3},
+        )
+
+    def _check_logits(self, lm, hf, proto, text):
+        """Our tokens are SentencePiece's; our logits are transformers'."""
+        tokenizer = lm.preprocessor.tokenizer
+        ids = [tokenizer.start_token_id] + [int(i) for i in tokenizer(text)]
+        reference = spm.SentencePieceProcessor(model_proto=proto)
+        self.assertEqual(ids[1:], reference.encode(text))
+        ids = np.array([ids], "int32")
+        expected = references.hf_logits(hf, ids)
+        self.assertLess(np.abs(_logits(lm, ids) - expected).max(), 1e-4)
+        return ids
+
+    def test_turn_markers_at_4_and_5(self):
+        hf = self._hf()
+        lm = keras_gemma2.Gemma2CausalLM.from_preset(
+            self._folder(self.chat_proto, hf)
+        )
+        tokenizer = lm.preprocessor.tokenizer
+        self.assertEqual(
+            [tokenizer.start_token_id, tokenizer.end_token_id], [1, 2]
+        )
+        self.assertEqual(tokenizer.stop_token_ids, (2, 5))
+        prompt = keras_gemma2.format_chat(
+            [{"role": "user", "content": "Which birds nest on the marsh?"}],
+            tokenizer=tokenizer,
+        )
+        ids = self._check_logits(lm, hf, self.chat_proto, prompt)
+        self.assertEqual(ids[0].tolist().count(4), 2)  # user and model turns
+        self.assertEqual(ids[0].tolist().count(5), 1)
+        # A Keras preset of it keeps the vocabulary and its looked-up ids.
+        path = os.path.join(self.get_temp_dir(), "ours")
+        lm.save_to_preset(path)
+        back = keras_gemma2.Gemma2Tokenizer.from_preset(path)
+        self.assertEqual(back.stop_token_ids, (2, 5))
+        self.assertEqual(back.pad_token_id, 3)
+
+    def test_generate_stops_at_its_end_of_turn(self):
+        # Steer a real model by its weights: swap the embedding rows of a
+        # token it generates and <end_of_turn> (5), so it now says 5 there.
+        hf = self._hf()
+        prompt = [1] + spm.SentencePieceProcessor(
+            model_proto=self.chat_proto
+        ).encode("The lantern festival")
+        free = references.hf_greedy(hf, [prompt], 8)[0, len(prompt) :]
+        step = next(
+            k
+            for k, token in enumerate(free)
+            if k >= 2
+            and token not in (*prompt, *free[:k], 2, 4, 5)
+            and not {2, 5} & set(free[:k])
+        )
+        import torch
+
+        with torch.no_grad():
+            rows = hf.model.embed_tokens.weight
+            rows[[free[step], 5]] = rows[[5, free[step]]].clone()
+        theirs = references.hf_greedy(hf, [prompt], 8)[0]
+        stop = len(prompt) + step
+        self.assertEqual(int(theirs[stop]), 5)
+        lm = keras_gemma2.Gemma2CausalLM.from_preset(
+            self._folder(self.chat_proto, hf)
+        )
+        length = len(prompt) + 8
+        inputs = {
+            "token_ids": np.array([prompt + [3] * 8], "int32"),
+            "padding_mask": (np.arange(length) < len(prompt))[None],
+        }
+        ours = lm.generate(inputs)
+        self.assertEqual(int(ours["padding_mask"][0].sum()), stop + 1)
+        np.testing.assert_array_equal(
+            ours["token_ids"][0, : stop + 1], theirs[: stop + 1]
+        )
+        # Without <end_of_turn> among the stop ids it runs past.
+        eos_only = lm.generate(inputs, stop_token_ids=(2,))
+        self.assertGreater(int(eos_only["padding_mask"][0].sum()), stop + 1)
+
+    def test_no_turn_markers(self):
+        hf = references.hf_model(seed=7, vocabulary_size=400)
+        lm = keras_gemma2.Gemma2CausalLM.from_preset(
+            self._folder(self.base_proto, hf)
+        )
+        tokenizer = lm.preprocessor.tokenizer
+        self.assertIsNone(tokenizer.start_of_turn_token_id)
+        self.assertIsNone(tokenizer.end_of_turn_token_id)
+        self.assertEqual(tokenizer.stop_token_ids, (1,))
+        self._check_logits(lm, hf, self.base_proto, "The lantern festival")
+        messages = [{"role": "user", "content": "Hi"}]
+        match = "has no <start_of_turn>/<end_of_turn>; chat formatting needs"
+        with pytest.raises(ValueError, match=match):
+            keras_gemma2.format_chat(messages, tokenizer=tokenizer)
+        with pytest.raises(ValueError, match=match):
+            keras_gemma2.data.as_chat(
+                {"prompts": ["Hi"], "responses": ["Hello"]}, tokenizer
+            )
+        # Without the tokenizer, format_chat cannot know, as before.
+        self.assertIn("<start_of_turn>", keras_gemma2.format_chat(messages))
+
+    def test_export_writes_the_looked_up_ids(self):
+        import transformers
+
+        for name, proto, ids, stops, markers in (
+            ("chat", self.chat_proto, (1, 2, 3), [2, 5], [4, 5]),
+            ("base", self.base_proto, (2, 1, 0), [1], [None, None]),
+        ):
+            lm = keras_gemma2.Gemma2CausalLM.from_preset(
+                self._folder(proto, self._hf(), name)
+            )
+            path = lm.export_to_transformers(
+                os.path.join(self.get_temp_dir(), f"{name}_export")
+            )
+            config = transformers.AutoConfig.from_pretrained(path)
+            self.assertEqual(
+                (config.bos_token_id, config.eos_token_id, config.pad_token_id),
+                ids,
+            )
+            generation = transformers.GenerationConfig.from_pretrained(path)
+            self.assertEqual(generation.eos_token_id, stops)
+            theirs = transformers.AutoTokenizer.from_pretrained(path)
+            # No token added past the 400 pieces the embedding has.
+            self.assertEqual(len(theirs), 400)
+            self.assertEqual(
+                (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id),
+                ids,
+            )
+            found = [theirs.get_vocab().get(t) for t in references.TURN_MARKERS]
+            self.assertEqual(found, markers)
+            text = "<start_of_turn>user\nThe marsh<end_of_turn>"
+            self.assertEqual(
+                theirs(text, add_special_tokens=False)["input_ids"],
+                [int(i) for i in lm.preprocessor.tokenizer(text)],
+            )
 
 
 class RoundTripTest(TestCase):

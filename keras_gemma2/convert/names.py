@@ -233,8 +233,18 @@ def kwargs_from_hf_config(config):
     }
 
 
-def hf_config_from_kwargs(kwargs, dtype="float32"):
-    """An HF `config.json` dict for a `Gemma2Backbone`'s kwargs."""
+# Gemma's own vocabulary (shared/GEMMA2.md), and transformers' Gemma2Config
+# defaults: the ids written for a model exported without a tokenizer.
+GEMMA_TOKEN_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+GEMMA_STOP_TOKEN_IDS = [1, 107]  # <eos>, <end_of_turn>
+
+
+def hf_config_from_kwargs(kwargs, dtype="float32", token_ids=None):
+    """An HF `config.json` dict for a `Gemma2Backbone`'s kwargs.
+
+    `token_ids` holds `pad_token_id`, `eos_token_id` and `bos_token_id`,
+    the tokenizer's; defaults to `GEMMA_TOKEN_IDS`.
+    """
     for flag in ("use_post_attention_norm", "use_post_ffw_norm"):
         if not kwargs.get(flag, True):
             raise ValueError(
@@ -268,9 +278,7 @@ def hf_config_from_kwargs(kwargs, dtype="float32"):
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": True,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-        "bos_token_id": 2,
+        **(token_ids or GEMMA_TOKEN_IDS),
         "torch_dtype": dtype,
     }
 

@@ -26,13 +26,7 @@ _SPECIAL_TOKENS = {
     "pad_token": "<pad>",
     "unk_token": "<unk>",
 }
-_CHAT_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
-# `<eos>` and `<end_of_turn>` end generation, as in `Gemma2CausalLM`.
-_GENERATION_CONFIG = {
-    "bos_token_id": 2,
-    "eos_token_id": [1, 107],
-    "pad_token_id": 0,
-}
+_MASK_TOKEN = "<mask>"  # in Gemma's vocabulary, at id 4
 
 
 def export_to_transformers(causal_lm, path, dtype=None, overwrite=False):
@@ -65,29 +59,55 @@ def export_to_transformers(causal_lm, path, dtype=None, overwrite=False):
             "(float16 overflows in Gemma 2's activations.)"
         )
     # Everything that can be refused is checked before a file is written.
-    config = names.hf_config_from_kwargs(kwargs, dtype)
-    path = os.path.abspath(os.fspath(path))
-    _check_target(path, overwrite)
-    proto = None
+    tokenizer = None
     if causal_lm.preprocessor is not None:
-        proto = causal_lm.preprocessor.tokenizer.proto
-        if proto is None:
+        tokenizer = causal_lm.preprocessor.tokenizer
+        if tokenizer.proto is None:
             raise ValueError(
                 "The preprocessor's tokenizer has no vocabulary (`proto` is "
                 "None); set one, or export with `preprocessor=None`."
             )
+    token_ids, generation_config = _token_ids(tokenizer)
+    config = names.hf_config_from_kwargs(kwargs, dtype, token_ids)
+    path = os.path.abspath(os.fspath(path))
+    _check_target(path, overwrite)
     tensors = _hf_tensors(backbone, kwargs, dtype)
 
     with atomic.staged_folder(path, "export") as staging:
         _write_json(os.path.join(staging, "config.json"), config)
         _write_json(
             os.path.join(staging, "generation_config.json"),
-            _GENERATION_CONFIG,
+            generation_config,
         )
         _write_weights(os.path.join(staging, "model.safetensors"), tensors)
-        if proto is not None:
-            _write_tokenizer(staging, proto)
+        if tokenizer is not None:
+            _write_tokenizer(staging, tokenizer)
     return path
+
+
+def _token_ids(tokenizer):
+    """The special-token ids of `config.json` and `generation_config.json`.
+
+    The tokenizer's own, looked up by name; Gemma's vocabulary's without
+    one. Generation stops where `Gemma2CausalLM.generate` does by default:
+    `<eos>` and, where the vocabulary has it, `<end_of_turn>`.
+    """
+    if tokenizer is None:
+        token_ids = dict(names.GEMMA_TOKEN_IDS)
+        stop_ids = list(names.GEMMA_STOP_TOKEN_IDS)
+    else:
+        token_ids = {
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.end_token_id,
+            "bos_token_id": tokenizer.start_token_id,
+        }
+        stop_ids = list(tokenizer.stop_token_ids)
+    generation_config = {
+        "bos_token_id": token_ids["bos_token_id"],
+        "eos_token_id": stop_ids,
+        "pad_token_id": token_ids["pad_token_id"],
+    }
+    return token_ids, generation_config
 
 
 # --- weights -----------------------------------------------------------------
@@ -193,15 +213,23 @@ def _write_weights(filename, tensors):
 # --- tokenizer and json ------------------------------------------------------
 
 
-def _write_tokenizer(folder, proto):
+def _write_tokenizer(folder, tokenizer):
     with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
-        f.write(bytes(proto))
+        f.write(bytes(tokenizer.proto))
+    # Only tokens the vocabulary has: transformers appends a named token it
+    # does not find as a new id, past the embedding (its GemmaTokenizer
+    # names `<mask>` unless told not to).
+    vocabulary = set(tokenizer.get_vocabulary())
+    markers = (tokenizer.start_of_turn_token, tokenizer.end_of_turn_token)
+    chat_tokens = [token for token in markers if token in vocabulary]
+    mask_token = _MASK_TOKEN if _MASK_TOKEN in vocabulary else None
     _write_json(
         os.path.join(folder, "tokenizer_config.json"),
         {
             "tokenizer_class": "GemmaTokenizer",
             **_SPECIAL_TOKENS,
-            "additional_special_tokens": _CHAT_TOKENS,
+            "mask_token": mask_token,
+            "additional_special_tokens": chat_tokens,
             "add_bos_token": True,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
@@ -210,7 +238,7 @@ def _write_tokenizer(folder, proto):
     )
     _write_json(
         os.path.join(folder, "special_tokens_map.json"),
-        {**_SPECIAL_TOKENS, "additional_special_tokens": _CHAT_TOKENS},
+        {**_SPECIAL_TOKENS, "additional_special_tokens": chat_tokens},
     )
 
 

@@ -336,8 +336,6 @@ def _finetune(args):
     pairs = data.load_instructions(
         args.data, prompt_key=args.prompt_key, response_key=args.response_key
     )
-    if not args.no_chat:
-        pairs = data.as_chat(pairs)
     if args.seed is not None:
         keras.utils.set_random_seed(args.seed)
     if args.quantize and not args.lora_rank:
@@ -350,6 +348,9 @@ def _finetune(args):
             raise ValueError(f"{flag} needs LoRA: pass --lora-rank > 0.")
     kwargs = {"dtype": args.dtype} if args.dtype else {}
     lm = keras_gemma2.Gemma2CausalLM.from_preset(args.preset, **kwargs)
+    if not args.no_chat:
+        # Refuses a vocabulary without turn markers (then pass --no-chat).
+        pairs = data.as_chat(pairs, tokenizer=lm.preprocessor.tokenizer)
     lm.preprocessor.sequence_length = args.sequence_length
     if args.quantize:
         lm.quantize(args.quantize)

@@ -197,7 +197,10 @@ def ask(
         lm = keras_gemma2.Gemma2CausalLM.from_preset(name)
     prompt = build_prompt(question, hits)
     if chat:
-        prompt = keras_gemma2.format_chat([{"role": "user", "content": prompt}])
+        prompt = keras_gemma2.format_chat(
+            [{"role": "user", "content": prompt}],
+            tokenizer=getattr(lm.preprocessor, "tokenizer", None),
+        )
     text = lm.generate(prompt, max_new_tokens=max_new_tokens, strip_prompt=True)
     return Answer(text=text.strip(), prompt=prompt, sources=hits)
 

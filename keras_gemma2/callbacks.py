@@ -52,11 +52,14 @@ import ml_dtypes
 from keras.src.utils import file_utils
 
 from keras_gemma2 import atomic
+from keras_gemma2.convert import damaged
 
 _FORMAT = "keras_gemma2.backup/1"
 _STATE = re.compile(r"^state-(\d+)$")
 _VARIABLES = "variables.h5"
 _METADATA = "training_metadata.json"
+_WHAT_METADATA = "a keras_gemma2 backup's training_metadata.json"
+_WHAT_VARIABLES = "a keras_gemma2 backup's variables.h5"
 _KINDS = {
     "model": "weight",
     "optimizer": "optimizer variable",
@@ -162,7 +165,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if not states:
             if os.path.exists(self._weights_path):
                 # Only Keras' own files: restore them with Keras' code.
-                super().on_train_begin(logs)
+                self._restore_keras_backup(logs)
                 self._current_epoch = self.model._initial_epoch or 0
                 return
             # No stale epoch from an earlier restore into this model.
@@ -182,26 +185,56 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 self._check_matches(metadata, state)
                 self._read_variables(state)
                 break
-            except (OSError, KeyError, json.JSONDecodeError) as error:
+            except damaged.DamagedFileError as error:
                 # Unreadable: not torn (a state folder is complete when it
                 # gets its name), but disks fail. The previous one is whole.
+                # Nothing on disk is changed or removed either way.
                 if i + 1 == len(states):
                     raise
                 warnings.warn(
-                    f"Backup {state} is unreadable ({error!r}); restoring "
+                    f"Backup {state} is unreadable ({error}); restoring "
                     f"the previous one, {states[i + 1]}."
                 )
         self._current_epoch = metadata["epoch"]
         self.model._initial_epoch = metadata["epoch"]
 
+    def _restore_keras_backup(self, logs):
+        """Keras' own restore, its damaged files named as ours are."""
+        if os.path.exists(self._training_metadata_path):
+            with damaged.reading(
+                self._training_metadata_path,
+                "a Keras backup's training_metadata.json",
+                damaged.BACKUP_FIX,
+                errors=(KeyError, TypeError),
+            ):
+                damaged.read_json(
+                    self._training_metadata_path,
+                    "a Keras backup's training_metadata.json",
+                    damaged.BACKUP_FIX,
+                )["epoch"]
+        # Keras falls back to its `.bkp` copy on an OSError by itself.
+        with damaged.reading(
+            self._weights_path,
+            "a Keras backup's latest.weights.h5",
+            damaged.BACKUP_FIX,
+            errors=(OSError,),
+        ):
+            super().on_train_begin(logs)
+
     def _read_metadata(self, state):
-        with open(os.path.join(state, _METADATA)) as f:
-            metadata = json.load(f)
+        path = os.path.join(state, _METADATA)
+        metadata = damaged.read_json(path, _WHAT_METADATA, damaged.BACKUP_FIX)
         if metadata.get("format") != _FORMAT:
             raise ValueError(
                 f"{state} is not a keras_gemma2 backup "
                 f"(format {metadata.get('format')!r}, expected {_FORMAT!r})."
             )
+        with damaged.reading(
+            path, _WHAT_METADATA, damaged.BACKUP_FIX, errors=(KeyError,)
+        ):
+            metadata["epoch"]
+            for group in _groups(self.model):
+                metadata["variables"][group]
         return metadata
 
     def _check_matches(self, metadata, state):
@@ -233,28 +266,50 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 )
 
     def _read_variables(self, state):
-        import h5py
-
+        path = os.path.join(state, _VARIABLES)
         groups = _groups(self.model)
-        with h5py.File(os.path.join(state, _VARIABLES), "r") as f:
-            # The file must match its metadata: check before assigning.
+        # Opening checks the file's length (HDF5 refuses a truncated one),
+        # and every dataset's presence and shape is checked against the
+        # model before any variable is assigned.
+        with damaged.open_h5(path, _WHAT_VARIABLES, damaged.BACKUP_FIX) as f:
+            with damaged.reading(path, _WHAT_VARIABLES, damaged.BACKUP_FIX):
+                found = {
+                    group: [
+                        tuple(f[group][str(i)].shape)
+                        for i in range(len(f[group]))
+                    ]
+                    for group in groups
+                }
             for group, variables in groups.items():
-                shapes = [f[group][str(i)].shape for i in range(len(f[group]))]
-                if shapes != [tuple(v.shape) for v in variables]:
-                    raise OSError(f"{state}: {_VARIABLES} is inconsistent.")
-            for group, variables in groups.items():
-                for i, variable in enumerate(variables):
-                    dataset = f[group][str(i)]
-                    value = dataset[()]
-                    dtype = dataset.attrs.get("dtype", "")
-                    if hasattr(ml_dtypes, dtype):  # Stored as its bits.
-                        value = value.view(getattr(ml_dtypes, dtype))
-                    variable.assign(value)
-            if "torch_rng" in f:
-                # Set just before the first step (`on_train_batch_begin`):
-                # a new `fit` first makes a DataLoader, which draws from it
-                # (an uninterrupted run reuses its grain/tf.data one).
-                self._torch_rng = {k: v[()] for k, v in f["torch_rng"].items()}
+                if found[group] != [tuple(v.shape) for v in variables]:
+                    raise damaged.DamagedFileError(
+                        path,
+                        f"does not match its {_METADATA}: its {group} "
+                        "variables have other shapes",
+                        damaged.BACKUP_FIX,
+                    )
+            # h5py's read errors only: an assign that fails is no damage.
+            with damaged.reading(
+                path,
+                _WHAT_VARIABLES,
+                damaged.BACKUP_FIX,
+                errors=(OSError, KeyError),
+            ):
+                for group, variables in groups.items():
+                    for i, variable in enumerate(variables):
+                        dataset = f[group][str(i)]
+                        value = dataset[()]
+                        dtype = dataset.attrs.get("dtype", "")
+                        if hasattr(ml_dtypes, dtype):  # Stored as its bits.
+                            value = value.view(getattr(ml_dtypes, dtype))
+                        variable.assign(value)
+                if "torch_rng" in f:
+                    # Set just before the first step (`on_train_batch_begin`):
+                    # a new `fit` first makes a DataLoader, which draws from
+                    # it (an uninterrupted run reuses its grain/tf.data one).
+                    self._torch_rng = {
+                        k: v[()] for k, v in f["torch_rng"].items()
+                    }
 
     # Backing up.
 

@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from keras_gemma2.convert import damaged
+
 # Our EinsumDense names inside each decoder block.
 ATTENTION_TARGETS = ("query", "key", "value", "attention_output")
 FFN_TARGETS = ("ffw_gating", "ffw_gating_2", "ffw_linear")
@@ -35,6 +37,7 @@ _ARCHITECTURE_KEYS = (
     "head_dim",
 )
 _FORMAT = "keras_gemma2.lora/1"
+_WHAT = "a safetensors adapter file"
 
 
 def enable(
@@ -234,7 +237,10 @@ def load_adapters(backbone, path):
 
     Enables LoRA with the file's rank, alpha and targets if the backbone
     has none. Every name, shape and the architecture are checked before
-    any weight is assigned: a mismatch raises and changes nothing.
+    any weight is assigned: a mismatch raises and changes nothing. So is
+    the file itself: a truncated or damaged one raises a
+    `keras_gemma2.convert.damaged.DamagedFileError` (a ValueError) that
+    names it, and changes nothing.
 
     Example:
     ```python
@@ -251,20 +257,25 @@ def load_adapters(backbone, path):
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No adapter file at {path!r}.")
-    try:
+    path = os.fspath(path)
+    # The whole file is checked and read into memory before anything is
+    # enabled or assigned: a damaged file leaves the backbone as it was.
+    damaged.safetensors_header(path, _WHAT, damaged.ADAPTER_FIX)
+    with damaged.reading(path, _WHAT, damaged.ADAPTER_FIX):
         with safe_open(path, framework="numpy") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as error:  # safetensors raises its own types
-        raise ValueError(
-            f"{path!r} is not a safetensors adapter file ({error})."
-        ) from None
     if metadata.get("format") != _FORMAT:
         raise ValueError(
             f"{path!r} is not a keras_gemma2 LoRA adapter file (no "
             f"'{_FORMAT}' format tag)."
         )
-    saved = json.loads(metadata["architecture"])
+    with damaged.reading(path, _WHAT, damaged.ADAPTER_FIX):
+        saved = json.loads(metadata["architecture"])
+        rank = int(metadata["rank"])
+        alpha = json.loads(metadata["alpha"])
+        saved_targets = json.loads(metadata["targets"])
+        dropout = json.loads(metadata.get("dropout", "0.0"))
     ours = _architecture(backbone)
     differences = [
         f"{key} {saved.get(key)} (adapters) != {ours[key]} (model)"
@@ -277,9 +288,7 @@ def load_adapters(backbone, path):
             + "; ".join(differences)
             + ". Load them onto the base model they were trained from."
         )
-    rank = int(metadata["rank"])
-    alpha = json.loads(metadata["alpha"])
-    targets = _check_targets(json.loads(metadata["targets"]))
+    targets = _check_targets(saved_targets)
     enabled = bool(getattr(backbone, "_lora_enabled_layers", None))
     # Names and shapes are checked before LoRA is enabled or any weight
     # assigned, so that a bad file leaves the model as it was.
@@ -303,7 +312,6 @@ def load_adapters(backbone, path):
                 f"{shape} in the model (rank {rank})."
             )
     if not enabled:
-        dropout = json.loads(metadata.get("dropout", "0.0"))
         enable(backbone, rank, alpha=alpha, targets=targets, dropout=dropout)
     for name, variable in adapter_variables(backbone).items():
         variable.assign(tensors[name])
@@ -390,7 +398,11 @@ def _target_layer(block, name):
 
 def check_rank(rank):
     """Refuses a LoRA rank that is not an int of at least 1."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+    if (
+        isinstance(rank, bool)
+        or not isinstance(rank, numbers.Integral)
+        or rank < 1
+    ):
         raise ValueError(
             f"`rank` must be an int of at least 1; got {rank!r}. Typical "
             "LoRA ranks are 4 to 64."

@@ -43,7 +43,6 @@ merged = keras_gemma2.merging.warp(init, [policy_1, policy_2], eta=0.5)
 ```
 """
 
-import json
 import os
 import shutil
 
@@ -51,6 +50,7 @@ import keras
 import numpy as np
 
 from keras_gemma2 import atomic
+from keras_gemma2.convert import damaged
 
 # Config entries that are not the architecture.
 _NOT_ARCHITECTURE = ("name", "trainable", "dtype", "dropout")
@@ -514,8 +514,9 @@ class _PresetSource:
                 f"{label} ({preset!r}) is not a keras_gemma2 preset folder "
                 "(no config.json and model.weights.h5)."
             )
-        with open(config_path) as f:
-            saved = json.load(f)
+        saved = damaged.read_json(
+            config_path, "a keras_gemma2 preset config.json", damaged.PRESET_FIX
+        )
         self.config = {
             "class_name": saved.get("class_name"),
             **{
@@ -524,10 +525,19 @@ class _PresetSource:
                 if k not in _NOT_ARCHITECTURE
             },
         }
-        self.handles = {
-            name: h5py.File(os.path.join(preset, name), "r")
-            for name in self.files
-        }
+        # Opened (so checked whole: HDF5 refuses a truncated file) before
+        # anything is merged or written.
+        self.handles = {}
+        try:
+            for name in self.files:
+                self.handles[name] = damaged.open_h5(
+                    os.path.join(preset, name),
+                    "a Keras weights file",
+                    damaged.PRESET_FIX,
+                )
+        except damaged.DamagedFileError:
+            self.close()
+            raise
         self.datasets = {}
         for file, handle in self.handles.items():
             handle.visititems(
@@ -545,7 +555,11 @@ class _PresetSource:
         return {k: _h5_dtype(d) for k, d in self.datasets.items()}
 
     def get(self, name):
-        return _float(_h5_read(self.datasets[name]))
+        dataset = self.datasets[name]
+        with damaged.reading(
+            dataset.file.filename, "a Keras weights file", damaged.PRESET_FIX
+        ):
+            return _float(_h5_read(dataset))
 
     def close(self):
         for handle in self.handles.values():

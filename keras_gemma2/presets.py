@@ -5,6 +5,7 @@ import os
 import pathlib
 
 from keras_gemma2 import atomic
+from keras_gemma2.convert import damaged
 
 _KAGGLE = "kaggle://keras/gemma2/keras"
 
@@ -108,7 +109,10 @@ class RegisteredPresetsMixin:
         `config.json`, safetensors and `tokenizer.model`, or an `hf://`
         handle). Other formats are converted tensor by tensor into the new
         model; every key and shape is checked first, so a bad checkpoint
-        raises before anything loads. Pickled weights are refused.
+        raises before anything loads. Pickled weights are refused, and a
+        damaged file (truncated, or not its format) raises a
+        `keras_gemma2.convert.damaged.DamagedFileError` (a ValueError) that
+        names the file and the fix.
         Registered Gemma 2 checkpoints load in bfloat16 unless `dtype=` says
         otherwise; a folder loads in the dtype it was saved in. An unknown
         name raises a ValueError that lists the close matches.
@@ -135,7 +139,17 @@ class RegisteredPresetsMixin:
             return converted
         if not cls._preset_takes_dtype:
             kwargs.pop("dtype", None)
-        return super().from_preset(preset, **kwargs)
+        if "://" in preset:
+            return super().from_preset(preset, **kwargs)
+        # `load_foreign` checked every file first; an h5 whose length is
+        # right but whose bytes are not still fails inside KerasHub.
+        with damaged.reading(
+            preset,
+            "a keras_gemma2 preset folder",
+            damaged.PRESET_FIX,
+            errors=(OSError,),
+        ):
+            return super().from_preset(preset, **kwargs)
 
     def save_to_preset(self, preset_dir, **kwargs):
         """Saves a preset folder atomically.

@@ -1,7 +1,8 @@
 """Reading a preset's files: local folders and network handles alike."""
 
-import json
 import os
+
+from keras_gemma2.convert import damaged
 
 
 class PresetFiles:
@@ -50,9 +51,10 @@ class PresetFiles:
                 raise
             raise _network_error(self.preset, name, error) from error
 
-    def json(self, name):
-        with open(self.path(name), encoding="utf-8") as f:
-            return json.load(f)
+    def json(self, name, what=None, fix=damaged.PRESET_FIX):
+        """The JSON object in `name`; a damaged file raises a
+        `DamagedFileError` naming it."""
+        return damaged.read_json(self.path(name), what or f"a {name}", fix)
 
 
 def _unreachable(error):

@@ -1,11 +1,10 @@
 """Hugging Face Gemma 2 checkpoints (safetensors) -> Gemma2Backbone."""
 
-import json
 import os
-import struct
 
 import numpy as np
 
+from keras_gemma2.convert import damaged
 from keras_gemma2.convert import names
 
 # safetensors dtype codes -> numpy dtypes (bfloat16 through ml_dtypes).
@@ -18,6 +17,7 @@ _DTYPES = {
     "I32": "int32",
 }
 PICKLED_WEIGHTS = ("pytorch_model.bin", ".bin", ".pt", ".pth", ".ckpt")
+CONFIG = "a Gemma 2 config"
 
 
 def pickled_weights_error(files):
@@ -39,6 +39,8 @@ class SafetensorsCheckpoint:
     Only the headers are read up front, so every key and shape can be checked
     before a single weight is loaded; each tensor is then memory-mapped on
     demand, so loading holds one tensor at a time beyond the model itself.
+    Every shard's header is checked against its file's length first, so a
+    shard cut short is refused before any weight moves.
     """
 
     def __init__(self, files):
@@ -46,7 +48,9 @@ class SafetensorsCheckpoint:
         self.tensors = {}  # key -> (local path, header entry, data start)
         for filename in self._shard_names():
             path = files.path(filename)
-            header, start = _read_header(path)
+            header, start = damaged.safetensors_header(
+                path, "a safetensors file", damaged.HF_FIX
+            )
             for key, entry in header.items():
                 if key != "__metadata__":
                     self.tensors[key] = (path, entry, start)
@@ -54,8 +58,15 @@ class SafetensorsCheckpoint:
     def _shard_names(self):
         files = self.files
         if files.exists("model.safetensors.index.json"):
-            index = files.json("model.safetensors.index.json")
-            shards = sorted(set(index["weight_map"].values()))
+            name = "model.safetensors.index.json"
+            index = files.json(name, "a safetensors index", damaged.HF_FIX)
+            with damaged.reading(
+                files.path(name),
+                "a safetensors index",
+                damaged.HF_FIX,
+                errors=(KeyError, AttributeError, TypeError),
+            ):
+                shards = sorted(set(index["weight_map"].values()))
             for shard in shards:
                 if not files.exists(shard):
                     raise FileNotFoundError(
@@ -84,13 +95,14 @@ class SafetensorsCheckpoint:
         path, entry, start = self.tensors[key]
         begin, end = entry["data_offsets"]
         dtype = np.dtype(_numpy_dtype(entry["dtype"], key, path))
-        return np.memmap(
-            path,
-            dtype=dtype,
-            mode="r",
-            offset=start + begin,
-            shape=tuple(entry["shape"]),
-        )
+        with damaged.reading(path, "a safetensors file", damaged.HF_FIX):
+            return np.memmap(
+                path,
+                dtype=dtype,
+                mode="r",
+                offset=start + begin,
+                shape=tuple(entry["shape"]),
+            )
 
 
 def _numpy_dtype(code, key, path):
@@ -101,15 +113,6 @@ def _numpy_dtype(code, key, path):
 
         return ml_dtypes.bfloat16
     return _DTYPES[code]
-
-
-def _read_header(path):
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > 100 * 1024 * 1024:
-            raise ValueError(f"{path} is not a safetensors file.")
-        header = json.loads(f.read(length))
-    return header, 8 + length
 
 
 def checkpoint_dtype(config):
@@ -124,8 +127,16 @@ def plan(files, config=None):
     Raises before anything is loaded if a key is missing or a shape differs
     from what `config.json` implies.
     """
-    config = config or files.json("config.json")
-    kwargs = names.kwargs_from_hf_config(config)
+    config = config or files.json("config.json", CONFIG, damaged.HF_FIX)
+    # A missing or mistyped field is a damaged config (names.py reads
+    # fields by key); names.py's own ValueErrors pass through as they are.
+    with damaged.reading(
+        files.path("config.json"),
+        CONFIG,
+        damaged.HF_FIX,
+        errors=(KeyError, TypeError),
+    ):
+        kwargs = names.kwargs_from_hf_config(config)
     checkpoint = SafetensorsCheckpoint(files)
     specs = names.weight_specs(kwargs)
     for spec in specs:

@@ -3,17 +3,18 @@
 import glob
 import os
 
+from keras_gemma2.convert import damaged
 from keras_gemma2.convert import names
 
 KERAS_HUB_BACKBONE = "keras_hub>GemmaBackbone"
+WEIGHTS = "a KerasHub weights file"
+FIX = damaged.KERAS_HUB_FIX
 
 
 class KerasHubWeights:
     """The datasets of KerasHub's `model.weights.h5` (or its shards)."""
 
     def __init__(self, files):
-        import h5py
-
         self.files = files
         if files.exists("model.weights.h5"):
             paths = [files.path("model.weights.h5")]
@@ -28,7 +29,15 @@ class KerasHubWeights:
                 f"{files.preset} has no model.weights.h5: not a complete "
                 "KerasHub preset."
             )
-        self.handles = [h5py.File(p, "r") for p in paths]
+        # Every file is opened (and so checked whole, see `open_h5`) before
+        # any weight is read.
+        self.handles = []
+        try:
+            for path in paths:
+                self.handles.append(damaged.open_h5(path, WEIGHTS, FIX))
+        except damaged.DamagedFileError:
+            self.close()
+            raise
 
     def find(self, key):
         for handle in self.handles:
@@ -43,7 +52,13 @@ class KerasHubWeights:
 
 def plan(files, config):
     """Backbone kwargs and the checked `(spec, dataset)` pairs."""
-    kwargs = names.kwargs_from_keras_hub_config(config["config"])
+    with damaged.reading(
+        files.path("config.json"),
+        "a KerasHub GemmaBackbone config",
+        FIX,
+        errors=(KeyError, TypeError, AttributeError),
+    ):
+        kwargs = names.kwargs_from_keras_hub_config(config["config"])
     weights = KerasHubWeights(files)
     specs = names.weight_specs(kwargs)
     for spec in specs:
@@ -66,4 +81,6 @@ def plan(files, config):
 
 def read_weight(spec, weights, dims):
     """One weight in our layout (KerasHub's equals ours), as numpy."""
-    return weights.find(spec.keras_hub_key)[()]
+    dataset = weights.find(spec.keras_hub_key)
+    with damaged.reading(dataset.file.filename, WEIGHTS, FIX):
+        return dataset[()]

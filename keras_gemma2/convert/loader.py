@@ -4,6 +4,7 @@ import keras
 import numpy as np
 
 from keras_gemma2 import deferred
+from keras_gemma2.convert import damaged
 from keras_gemma2.convert import from_huggingface
 from keras_gemma2.convert import from_keras_hub
 from keras_gemma2.convert import names
@@ -22,7 +23,7 @@ def detect_format(files):
             f"{files.preset} has no config.json, so it is neither a Keras "
             "preset nor a Hugging Face checkpoint."
         )
-    config = files.json("config.json")
+    config = files.json("config.json", fix=damaged.COPY_FIX)
     registered = config.get("registered_name")
     if registered == from_keras_hub.KERAS_HUB_BACKBONE:
         return KERAS_HUB, config
@@ -47,16 +48,18 @@ def load_foreign(cls, preset, kwargs, progress=None):
     `progress`, if given, is called as `progress(done, total)` after each
     tensor (the CLI draws a progress bar with it).
     """
-    files = PresetFiles(preset)
-    fmt, config = detect_format(files)
-    if fmt == OURS:
-        return None
     from keras_hub.models import Backbone
     from keras_hub.models import CausalLM
     from keras_hub.models import Preprocessor
     from keras_hub.tokenizers import Tokenizer
 
+    files = PresetFiles(preset)
+    fmt, config = detect_format(files)
     kwargs = dict(kwargs)
+    if fmt == OURS:
+        weighted = issubclass(cls, (Backbone, CausalLM))
+        check_own_preset(files, weighted and kwargs.get("load_weights", True))
+        return None
     dtype = kwargs.pop("dtype", None)
     load_weights = kwargs.pop("load_weights", True)
     if issubclass(cls, Backbone):
@@ -75,6 +78,47 @@ def load_foreign(cls, preset, kwargs, progress=None):
             preprocessor = load_preprocessor(files, fmt)
         return cls(backbone=backbone, preprocessor=preprocessor, **kwargs)
     raise TypeError(f"{cls.__name__} cannot be loaded from a {fmt} preset.")
+
+
+# The JSON files KerasHub's `from_preset` reads from a preset of ours.
+_OWN_JSON = (
+    "config.json",
+    "metadata.json",
+    "tokenizer.json",
+    "preprocessor.json",
+    "task.json",
+)
+
+
+def check_own_preset(files, weights=True):
+    """Refuses a preset of ours with a damaged file, before KerasHub reads
+    it (and before any model is built).
+
+    Every JSON file must parse and `config.json` must hold a `config`; with
+    `weights`, every `*.weights.h5` must open (HDF5 checks its length).
+    Network handles check `config.json` and `model.weights.h5` only, the
+    files KerasHub downloads anyway.
+    """
+    for name in _OWN_JSON if files.is_local else ("config.json",):
+        if files.exists(name):
+            config = files.json(name, fix=damaged.PRESET_FIX)
+            if name == "config.json" and not isinstance(
+                config.get("config"), dict
+            ):
+                raise damaged.DamagedFileError(
+                    files.path(name),
+                    "lacks config (the backbone's arguments), which a "
+                    "Keras preset config.json has",
+                    damaged.PRESET_FIX,
+                )
+    if not weights:
+        return
+    weight_files = [n for n in files.listdir() if n.endswith(".weights.h5")]
+    for name in weight_files or ["model.weights.h5"]:
+        if files.exists(name):
+            damaged.open_h5(
+                files.path(name), "a Keras weights file", damaged.PRESET_FIX
+            ).close()
 
 
 def load_backbone(

@@ -3,6 +3,7 @@
 import warnings
 
 import keras
+import numpy as np
 from keras_hub.layers import StartEndPacker
 from keras_hub.models import CausalLMPreprocessor
 from keras_hub.src.utils.tensor_utils import preprocessing_function
@@ -59,6 +60,23 @@ class Gemma2CausalLMPreprocessor(
             pad_value=0,
             sequence_length=self.sequence_length,
         )
+
+    def generate_postprocess(self, x):
+        """KerasHub's, after checking numpy or list token ids against the
+        vocabulary (SentencePiece would fail deep in a TensorFlow op)."""
+        ids = x.get("token_ids") if isinstance(x, dict) else x
+        if isinstance(ids, (list, tuple, np.ndarray)):
+            from keras_gemma2 import generation
+
+            vocabulary_size = self.tokenizer.vocabulary_size()
+            rows = _rows_if_ragged(ids)
+            if rows is None:
+                generation.check_token_ids(ids, vocabulary_size)
+            for row, row_ids in enumerate(rows or ()):
+                generation.check_token_ids(
+                    row_ids, vocabulary_size, f"token_ids[{row}]"
+                )
+        return super().generate_postprocess(x)
 
     def call(self, x, y=None, sample_weight=None, sequence_length=None):
         if isinstance(x, dict) and ("prompts" in x or "responses" in x):
@@ -189,3 +207,13 @@ def _as_tf(ids):
     if ids and isinstance(ids[0], (list, tuple)) or not ids:
         return tf.ragged.constant(ids, dtype=tf.int32, ragged_rank=1)
     return tf.constant(ids, dtype=tf.int32)
+
+
+def _rows_if_ragged(ids):
+    """The rows of a ragged nested list, or None for a rectangular one."""
+    try:
+        if np.asarray(ids).dtype != object:
+            return None
+    except ValueError:  # numpy refuses rows of different lengths
+        pass
+    return list(ids)

@@ -278,3 +278,34 @@ class TextStream:
             return ""
         new, self.text = text[len(self.text) :], text
         return new
+
+
+def check_token_ids(token_ids, vocabulary_size, argument="token_ids"):
+    """Refuses ids outside `[0, vocabulary_size)`, naming the first one.
+
+    An embedding lookup does not check its indices: JAX clamps them, so an
+    id past the vocabulary silently reads the last row. `token_ids` is a
+    numpy array, checked on the host once per call (a min and a max).
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_gemma2.generation import check_token_ids
+    check_token_ids(np.array([[2, 5, 9]]), vocabulary_size=10)  # fine
+    ```
+    """
+    token_ids = np.asarray(token_ids)
+    if token_ids.size == 0:
+        return
+    low, high = token_ids.min(), token_ids.max()
+    if low >= 0 and high < vocabulary_size:
+        return
+    bad = (token_ids < 0) | (token_ids >= vocabulary_size)
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    value = int(token_ids[where])
+    raise ValueError(
+        f"`{argument}` holds {value} at index {list(where)}, outside this "
+        f"model's vocabulary of {vocabulary_size} ids (0 to "
+        f"{vocabulary_size - 1}). Tokenize with this model's tokenizer "
+        "(`lm.preprocessor.tokenizer`), or pass strings."
+    )

@@ -56,6 +56,8 @@ class Gemma2Tokenizer(
 
     def set_proto(self, proto):
         self._proto_source = _describe(proto)
+        if proto is not None:
+            _check_sentencepiece(proto, self._proto_source)
         super().set_proto(proto)
         if proto is None:
             self.start_of_turn_token_id = None
@@ -109,6 +111,34 @@ class Gemma2Tokenizer(
         self._check_vocabulary()
         ids = (self.end_token_id, self.end_of_turn_token_id)
         return tuple(i for i in ids if i is not None)
+
+
+def _check_sentencepiece(proto, source):
+    """Refuses a vocabulary file SentencePiece cannot parse, naming it.
+
+    TensorFlow's op would raise an `InternalError` from inside the graph;
+    the `sentencepiece` package (a dependency) parses the same bytes first.
+    """
+    import sentencepiece
+
+    from keras_gemma2.convert import damaged
+
+    what = "a SentencePiece model"
+    if isinstance(proto, (str, os.PathLike)):
+        with damaged.reading(proto, what, damaged.COPY_FIX):
+            with open(proto, "rb") as f:
+                proto = f.read()
+    if not isinstance(proto, bytes):
+        return  # a tensor of bytes: KerasHub reads it
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError as error:
+        raise damaged.DamagedFileError(
+            source,
+            f"is not {what}: SentencePiece cannot parse its {len(proto)} "
+            "bytes (cut short, or another file)",
+            damaged.COPY_FIX,
+        ) from error
 
 
 def _describe(proto):

@@ -33,6 +33,7 @@ _NAMES = {
     "Gemma2DecoderBlock": "keras_gemma2.layers.decoder_block",
     "Gemma2RMSNormalization": "keras_gemma2.layers.rms_normalization",
     "Gemma2Tokenizer": "keras_gemma2.tokenizer",
+    "DamagedFileError": "keras_gemma2.convert.damaged",
 }
 # Modules that register Keras serializables: imported together on first use
 # of any model name, so that a saved config naming one of them loads.

@@ -1,6 +1,24 @@
-"""Writes the notebooks in notebooks/ (run it to regenerate them)."""
+"""Writes the notebooks in notebooks/ and runs them, keeping their outputs.
 
+    python scripts/make_notebooks.py                 # all of them
+    python scripts/make_notebooks.py rag quickstart  # some
+    python scripts/make_notebooks.py --no-execute    # sources only
+
+Each notebook runs top to bottom in a fresh kernel (nbclient), offline, on
+the bundled presets, on the backend that tests/test_notebooks.py runs it on
+(its ONE_BACKEND, else JAX); the backend is recorded in the notebook's
+metadata (`keras_gemma2.backend`). Stream lines that are the backends'
+start-up noise (`keras_gemma2.log_filter.is_noise`) are dropped; other
+stderr output is reported here, and an error in a cell stops the script.
+"""
+
+import argparse
+import ast
+import copy
+import os
 import pathlib
+import sys
+import time
 
 import nbformat
 from nbformat.v4 import new_code_cell
@@ -12,19 +30,37 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 QUICKSTART = [
     new_markdown_cell(
         "# keras_gemma2 quickstart\n\n"
-        "Load a Gemma 2 preset, generate, score, fine-tune with LoRA, save "
-        "and reload. This runs on the bundled `gemma2_tiny_en` preset, offline, "
-        "on any backend; swap in `gemma2_2b_en` on a machine with the memory "
-        "for it."
+        "Load a Gemma 2 preset, generate, score a sentence token by token, "
+        "fine-tune with LoRA, save and reload. It runs offline on the bundled "
+        "`gemma2_tiny_en` preset (a 3.4M-parameter toy trained on Python's "
+        "documentation, so its text reads like shuffled documentation), on "
+        "any backend, in about half a minute on a laptop CPU. The outputs "
+        "below come from JAX.\n\n"
+        "For a real checkpoint, change `'gemma2_tiny_en'` in the *Load and "
+        "generate* cell to `'gemma2_2b_en'` (or `gemma2_instruct_2b_en`, "
+        "`gemma2_9b_en`, ...; downloaded from Kaggle, 2B needs about 10 GB of "
+        "memory in float32, `dtype='bfloat16'` halves it); the other cells "
+        "run as they are."
     ),
     new_code_cell(
+        "import logging\n"
         "import os\n"
+        "import warnings\n"
         "os.environ.setdefault('KERAS_BACKEND', 'jax')  # or tensorflow, torch\n"
+        "# Quiet what is no news here: TensorFlow's C++ start-up lines, tqdm's\n"
+        "# note that ipywidgets is missing, grain's on KerasHub's read-ahead.\n"
+        "os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')\n"
+        "warnings.filterwarnings('ignore', message='IProgress not found')\n"
+        "logging.getLogger('absl').addFilter(\n"
+        "    lambda record: 'prefetch_buffer_size' not in record.getMessage())\n"
         "\n"
         "import keras\n"
+        "import matplotlib.pyplot as plt\n"
         "import numpy as np\n"
         "import keras_gemma2\n"
         "\n"
+        "%matplotlib inline\n"
+        "plt.rcParams.update({'figure.figsize': (7, 2.6), 'figure.dpi': 80})\n"
         "keras.utils.set_random_seed(0)\n"
         "print(keras.config.backend(), sorted(keras_gemma2.Gemma2CausalLM.presets))"
     ),
@@ -41,17 +77,43 @@ QUICKSTART = [
         "    print(repr(text))\n"
         "lm.compile(sampler='greedy')"
     ),
-    new_markdown_cell("## Score: per-token log-probabilities"),
+    new_markdown_cell(
+        "## Score: per-token log-probabilities\n\n"
+        "`score` returns $\\log p(x_t \\mid x_{<t})$ for every token of a "
+        "text; their sum is the text's log-likelihood."
+    ),
     new_code_cell(
-        "fluent = lm.score('A list is a mutable sequence.').sum()\n"
-        "scrambled = lm.score('sequence mutable a is list A.').sum()\n"
-        "print(f'fluent {fluent:.1f}  scrambled {scrambled:.1f}')\n"
-        "assert fluent > scrambled"
+        "fluent_text = 'A list is a mutable sequence.'\n"
+        "scrambled_text = 'sequence mutable a is list A.'\n"
+        "fluent = lm.score(fluent_text)\n"
+        "scrambled = lm.score(scrambled_text)\n"
+        "print(f'fluent {fluent.sum():.1f}  scrambled {scrambled.sum():.1f}')\n"
+        "assert fluent.sum() > scrambled.sum()"
+    ),
+    new_markdown_cell(
+        "Token by token: the scrambled order loses most where a word cannot "
+        "follow the one before it. (Entry 0, `<bos>`, is predicted by "
+        "nothing and left out.)"
+    ),
+    new_code_cell(
+        "tokenizer = lm.preprocessor.tokenizer\n"
+        "fig, axes = plt.subplots(1, 2, sharey=True)\n"
+        "for ax, text, log_probs in zip(axes, [fluent_text, scrambled_text],\n"
+        "                               [fluent, scrambled]):\n"
+        "    ids = keras.ops.convert_to_numpy(tokenizer.tokenize(text))\n"
+        "    pieces = [tokenizer.id_to_token(int(i)) for i in ids]\n"
+        "    ax.bar(range(len(pieces)), log_probs[1:])\n"
+        "    ax.set_xticks(range(len(pieces)), pieces, rotation=60, fontsize=8)\n"
+        "    ax.set_title(f'{text!r}: {log_probs.sum():.1f}', fontsize=9)\n"
+        "axes[0].set_ylabel('log p(token | before)')\n"
+        "plt.show()"
     ),
     new_markdown_cell(
         "## LoRA fine-tuning\n\n"
         "`enable_lora` freezes the backbone and adds rank-4 adapters to the "
-        "query and value projections; `fit` trains only those."
+        "query and value projections; `fit` trains only those. The loss is "
+        "the mean cross-entropy over the text's tokens; `evaluate(..., "
+        "return_dict=True)` names each number it returns."
     ),
     new_code_cell(
         "lm.backbone.enable_lora(rank=4)\n"
@@ -59,12 +121,12 @@ QUICKSTART = [
         "print('trainable:', sum(int(np.prod(w.shape)) for w in lm.trainable_weights),\n"
         "      'of', lm.count_params())\n"
         "data = ['The zorblat module counts purple sheep.'] * 8\n"
-        "before = lm.evaluate(data, batch_size=4, verbose=0)\n"
         "lm.compile(optimizer=keras.optimizers.Adam(1e-2))\n"
+        "before = lm.evaluate(data, batch_size=4, verbose=0, return_dict=True)\n"
         "history = lm.fit(data, epochs=4, batch_size=4, verbose=0)\n"
-        "after = history.history['loss'][-1]\n"
-        "print(f'loss {before[0]:.2f} -> {after:.2f}')\n"
-        "assert after < before[0]\n"
+        "after = lm.evaluate(data, batch_size=4, verbose=0, return_dict=True)\n"
+        "print(f\"loss {before['loss']:.2f} -> {after['loss']:.2f}\")\n"
+        "assert after['loss'] < before['loss']\n"
         "print(lm.generate('The zorblat module', max_new_tokens=8))"
     ),
     new_markdown_cell("## Save and reload"),
@@ -83,23 +145,42 @@ QUICKSTART = [
 DISTRIBUTED = [
     new_markdown_cell(
         "# Gemma 2 across several devices\n\n"
-        "Model parallelism with `keras.distribution` on the JAX backend. "
-        "On a TPU slice or a multi-GPU machine, drop the `XLA_FLAGS` line: "
-        "`list_devices()` then returns the real accelerators. Here 8 virtual "
-        "CPU devices stand in for them, and the bundled tiny preset for the "
-        "9B or 27B."
+        "Model parallelism with `keras.distribution` on the JAX backend: how "
+        "many accelerators each size needs, a model sharded over a 2 x 4 "
+        "device mesh that generates the same text as one device, and LoRA "
+        "fine-tuning on the mesh. Here 8 virtual CPU devices stand in for "
+        "the accelerators and the bundled tiny preset for the 9B or 27B; it "
+        "takes about half a minute on a laptop CPU.\n\n"
+        "On a TPU slice or a multi-GPU machine: drop the `XLA_FLAGS` line of "
+        "the first cell (`list_devices()` then returns the real "
+        "accelerators), change the mesh shape in the *Shard the model* cell "
+        "to the device count (for example `(1, 8)`), and the preset name "
+        "there to `'gemma2_9b_en'` or `'gemma2_27b_en'`. The single-device "
+        "copy `single` would not fit: set `architecture = "
+        "keras_gemma2.architectures.GEMMA2_9B` (or `GEMMA2_27B`) in its "
+        "place, and drop the comparison with it in the next cell."
     ),
     new_code_cell(
+        "import logging\n"
         "import os\n"
+        "import warnings\n"
+        "\n"
         "# Before JAX is imported: 8 virtual devices on the CPU.\n"
         "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'\n"
         "os.environ['KERAS_BACKEND'] = 'jax'  # distribution needs JAX\n"
+        "# Quiet what is no news here: TensorFlow's C++ start-up lines, tqdm's\n"
+        "# note that ipywidgets is missing, grain's on KerasHub's read-ahead.\n"
+        "os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')\n"
+        "warnings.filterwarnings('ignore', message='IProgress not found')\n"
+        "logging.getLogger('absl').addFilter(\n"
+        "    lambda record: 'prefetch_buffer_size' not in record.getMessage())\n"
         "\n"
         "import keras\n"
         "import numpy as np\n"
         "import keras_gemma2\n"
         "from keras_gemma2 import distribution\n"
         "\n"
+        "keras.utils.set_random_seed(0)\n"
         "devices = keras.distribution.list_devices()\n"
         "print(len(devices), 'devices')"
     ),
@@ -157,26 +238,52 @@ FINETUNE = [
         "bundled `keras_gemma2_instructions` dataset (a glossary of invented "
         "words) through TensorFlow Datasets, wrap it in Gemma's chat turns, "
         "train LoRA adapters with `fit` (the loss sits on the responses "
-        "only), then save the adapters, load them onto a fresh base and "
-        "merge them for serving. It runs offline on the tiny preset; swap in "
-        "`gemma2_instruct_2b_en` on a GPU."
+        "only) while watching the held-out loss, then save the adapters, "
+        "load them onto a fresh base and merge them for serving, export them "
+        "for PEFT, and train on an int8 base. It runs offline on the bundled "
+        "tiny preset in about two minutes on a laptop CPU; the outputs below "
+        "come from JAX.\n\n"
+        "For a real checkpoint, change `'gemma2_tiny_en'` in the *Before "
+        "fine-tuning*, *Save the adapters* and *int8* cells to "
+        "`'gemma2_instruct_2b_en'` (on a GPU), and raise `sequence_length` "
+        "in the *Before fine-tuning* cell to fit your data."
     ),
     new_code_cell(
+        "import logging\n"
         "import os\n"
+        "import warnings\n"
         "os.environ.setdefault('KERAS_BACKEND', 'jax')  # or tensorflow, torch\n"
+        "# Quiet what is no news here: TensorFlow's C++ start-up lines, tqdm's\n"
+        "# note that ipywidgets is missing, grain's on KerasHub's read-ahead.\n"
+        "os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')\n"
+        "warnings.filterwarnings('ignore', message='IProgress not found')\n"
+        "logging.getLogger('absl').addFilter(\n"
+        "    lambda record: 'prefetch_buffer_size' not in record.getMessage())\n"
         "\n"
         "import keras\n"
+        "import matplotlib.pyplot as plt\n"
         "import numpy as np\n"
         "import tensorflow_datasets as tfds\n"
         "import keras_gemma2\n"
         "import keras_gemma2.datasets  # registers keras_gemma2_instructions\n"
-        "from keras_gemma2 import data, lora"
+        "from keras_gemma2 import data, lora\n"
+        "\n"
+        "tfds.disable_progress_bar()\n"
+        "%matplotlib inline\n"
+        "plt.rcParams.update({'figure.figsize': (7, 2.6), 'figure.dpi': 80})\n"
+        "print(keras.config.backend())"
     ),
     new_markdown_cell("## The data"),
     new_code_cell(
+        "import contextlib\n"
+        "import io\n"
+        "\n"
         "def pairs(split):\n"
-        "    rows = tfds.as_numpy(tfds.load('keras_gemma2_instructions', split=split))\n"
-        "    rows = list(rows)\n"
+        "    # The first load on a machine builds the dataset (a second) into\n"
+        "    # ~/tensorflow_datasets and prints where: not needed here.\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        rows = tfds.load('keras_gemma2_instructions', split=split)\n"
+        "    rows = list(tfds.as_numpy(rows))\n"
         "    return {'prompts': [r['prompt'].decode() for r in rows],\n"
         "            'responses': [r['response'].decode() for r in rows]}\n"
         "\n"
@@ -187,6 +294,8 @@ FINETUNE = [
     ),
     new_markdown_cell("## Before fine-tuning"),
     new_code_cell(
+        "# Seeded after loading the data: a first load, which builds the dataset,\n"
+        "# draws from Python's `random`, and Keras' seeds come from there.\n"
         "keras.utils.set_random_seed(0)\n"
         "lm = keras_gemma2.Gemma2CausalLM.from_preset('gemma2_tiny_en')\n"
         "lm.preprocessor.sequence_length = 40\n"
@@ -197,25 +306,51 @@ FINETUNE = [
         "    answers = lm.generate(prompts, max_new_tokens=4, strip_prompt=True)\n"
         "    return np.mean([a.strip() == r for a, r in zip(answers, pairs['responses'])])\n"
         "\n"
-        "print('held-out exact match before:', exact_match(lm, test))"
+        "match_before = exact_match(lm, test)\n"
+        "print('held-out exact match before:', match_before)"
     ),
     new_markdown_cell(
         "## LoRA\n\n"
         "Rank-32 adapters on every linear layer; everything else is frozen. "
-        "`fit` reshuffles the examples every epoch. 12 epochs keep this "
-        "notebook to about a minute on a laptop CPU and get part of the "
-        "held-out answers right; 30 epochs get 80-90% of them "
-        "(`tests/test_finetune_e2e.py`)."
+        "`fit` reshuffles the examples every epoch, and scores the held-out "
+        "pairs (`validation_data`) after each one. 12 epochs keep this "
+        "notebook short and get a few of the held-out answers right; 30 "
+        "epochs get 80-90% of them (`tests/test_finetune_e2e.py`)."
     ),
     new_code_cell(
         "lora.enable(lm.backbone, rank=32, alpha=64, targets='all')\n"
         "lm.compile(optimizer=keras.optimizers.Adam(1e-3, clipnorm=1.0))\n"
-        "history = lm.fit(data.as_chat(train), batch_size=16, epochs=12, verbose=0)\n"
-        "print('loss', [round(l, 3) for l in history.history['loss']])\n"
-        "print('held-out exact match after:', exact_match(lm, test))\n"
+        "history = lm.fit(data.as_chat(train), validation_data=data.as_chat(test),\n"
+        "                 batch_size=16, epochs=12, verbose=0)\n"
+        "print('training loss', [round(l, 2) for l in history.history['loss']])\n"
+        "print('held-out loss', [round(l, 2) for l in history.history['val_loss']])\n"
+        "match_after = exact_match(lm, test)\n"
+        "print('held-out exact match after:', match_after)\n"
         "print(lm.generate(keras_gemma2.format_chat(\n"
         "    [{'role': 'user', 'content': test['prompts'][0]}]), max_new_tokens=4,\n"
         "    strip_prompt=True), '| expected:', test['responses'][0])"
+    ),
+    new_markdown_cell(
+        "The losses are the mean cross-entropy of the answer tokens: the "
+        "training loss is averaged over each epoch's steps as the adapters "
+        "change, the held-out loss is measured once at each epoch's end. "
+        "Exact match counts the first 40 held-out questions whose greedy "
+        "answer is the expected word."
+    ),
+    new_code_cell(
+        "fig, (losses, matches) = plt.subplots(\n"
+        "    1, 2, gridspec_kw={'width_ratios': [3, 1]})\n"
+        "epochs = np.arange(1, len(history.history['loss']) + 1)\n"
+        "losses.plot(epochs, history.history['loss'], 'o-', label='training')\n"
+        "losses.plot(epochs, history.history['val_loss'], 'o-', label='held-out')\n"
+        "losses.set(xlabel='epoch', ylabel='loss')\n"
+        "losses.legend()\n"
+        "bars = matches.bar(['before', 'after'], [match_before, match_after],\n"
+        "                   color=['tab:gray', 'tab:blue'])\n"
+        "matches.bar_label(bars, fmt='{:.0%}')\n"
+        "matches.set(ylim=(0, 1), title='held-out exact match')\n"
+        "plt.tight_layout()\n"
+        "plt.show()"
     ),
     new_markdown_cell(
         "## Save the adapters, load them onto a fresh base, merge"
@@ -255,7 +390,8 @@ FINETUNE = [
         "lora.enable(small.backbone, rank=8, dropout=0.05)\n"
         "small.preprocessor.sequence_length = 40\n"
         "small.compile(optimizer=keras.optimizers.Adam(1e-3, clipnorm=1.0))\n"
-        "small.fit(data.as_chat(train), batch_size=16, epochs=1)\n"
+        "history = small.fit(data.as_chat(train), batch_size=16, epochs=1, verbose=0)\n"
+        "print('one epoch on the int8 base, loss', round(history.history['loss'][0], 2))\n"
         "print(small.generate('The tokenizer', max_new_tokens=8))"
     ),
 ]
@@ -269,26 +405,43 @@ DISTILL_AND_MERGE = [
         "teacher's whole next-token distribution instead of the one token "
         "the text holds; the instruction-tuned models were **merged** with "
         "WARP (an EMA anchor, SLERP of task vectors, LITI). Everything here "
-        "runs offline on the bundled `gemma2_tiny_en` preset in about a "
-        "minute on a laptop CPU; with presets such as `gemma2_9b_en` "
-        "(teacher) and `gemma2_2b_en` (student) the code is the same."
+        "runs offline on the bundled `gemma2_tiny_en` preset, in about a "
+        "minute on a laptop CPU; the outputs below come from PyTorch.\n\n"
+        "For real checkpoints the code is the same with other preset names: "
+        "in the cell that loads the teacher, `'gemma2_9b_en'` for the "
+        "teacher and, in place of `make_student()`, "
+        "`keras_gemma2.Gemma2CausalLM.from_preset('gemma2_2b_en')` for the "
+        "student; in the WARP cells, `'gemma2_2b_en'` (or an instruct preset) "
+        "wherever `'gemma2_tiny_en'` is the initialisation."
     ),
     new_code_cell(
+        "import logging\n"
         "import os\n"
+        "import warnings\n"
         "os.environ.setdefault('KERAS_BACKEND', 'jax')  # or tensorflow, torch\n"
+        "# Quiet what is no news here: TensorFlow's C++ start-up lines, tqdm's\n"
+        "# note that ipywidgets is missing, grain's on KerasHub's read-ahead.\n"
+        "os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')\n"
+        "warnings.filterwarnings('ignore', message='IProgress not found')\n"
+        "logging.getLogger('absl').addFilter(\n"
+        "    lambda record: 'prefetch_buffer_size' not in record.getMessage())\n"
         "\n"
         "import tempfile\n"
         "import keras\n"
+        "import matplotlib.pyplot as plt\n"
         "import numpy as np\n"
         "import keras_gemma2\n"
         "from keras_gemma2 import data, datasets, distillation, lora, merging\n"
         "\n"
+        "%matplotlib inline\n"
+        "plt.rcParams.update({'figure.figsize': (7, 2.6), 'figure.dpi': 80})\n"
         "if keras.config.backend() == 'torch':\n"
         "    # On a small CPU, torch's threads and the tf.data input pipeline\n"
         "    # fight over the cores: one torch thread is several times faster.\n"
         "    import torch\n"
         "    torch.set_num_threads(1)\n"
-        "keras.utils.set_random_seed(0)"
+        "keras.utils.set_random_seed(0)\n"
+        "print(keras.config.backend())"
     ),
     new_markdown_cell(
         "## 1. Distillation\n\n"
@@ -344,14 +497,14 @@ DISTILL_AND_MERGE = [
         "weights = keras.ops.convert_to_numpy(weights)\n"
         "teacher_logits = teacher(x)\n"
         "\n"
+        "mean = lambda v: (keras.ops.convert_to_numpy(v) * weights).sum() / weights.sum()\n"
+        "\n"
+        "def held_out_kl(lm):\n"
+        "    return mean(distillation.token_kl(teacher_logits, lm(x)))\n"
+        "\n"
         "def held_out_numbers(lm):\n"
-        "    logits = lm(x)\n"
-        "    kl = keras.ops.convert_to_numpy(\n"
-        "        distillation.token_kl(teacher_logits, logits))\n"
-        "    nll = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(\n"
-        "        y, logits, from_logits=True))\n"
-        "    mean = lambda v: (v * weights).sum() / weights.sum()\n"
-        "    return f'KL to teacher {mean(kl):5.2f}   perplexity {np.exp(mean(nll)):7.1f}'\n"
+        "    nll = keras.losses.sparse_categorical_crossentropy(y, lm(x), from_logits=True)\n"
+        "    return f'KL to teacher {held_out_kl(lm):5.2f}   perplexity {np.exp(mean(nll)):7.1f}'\n"
         "\n"
         "print('teacher      ', held_out_numbers(teacher))\n"
         "print('student, init', held_out_numbers(student))"
@@ -359,22 +512,50 @@ DISTILL_AND_MERGE = [
     new_markdown_cell(
         "Distil for one epoch (16 steps), and train a copy of the same "
         "initial student for the same steps on the text alone "
-        "(cross-entropy, the usual `fit`) for comparison."
+        "(cross-entropy, the usual `fit`) for comparison. A callback "
+        "measures each one's held-out KL to the teacher before the first "
+        "step and after every step: the same measure for both, on text "
+        "neither trains on (the training losses would not compare: one is "
+        "a KL, the other a cross-entropy)."
     ),
     new_code_cell(
+        "class HeldOutKL(keras.callbacks.Callback):\n"
+        "    def __init__(self, lm):\n"
+        "        super().__init__()\n"
+        "        self.lm, self.curve = lm, []\n"
+        "\n"
+        "    def on_train_begin(self, logs=None):\n"
+        "        self.curve.append(held_out_kl(self.lm))\n"
+        "\n"
+        "    def on_train_batch_end(self, batch, logs=None):\n"
+        "        # On JAX, reading `self.model` writes the trained weights into\n"
+        "        # the variables (Keras holds them apart during an epoch).\n"
+        "        _ = self.model\n"
+        "        self.curve.append(held_out_kl(self.lm))\n"
+        "\n"
         "plain = make_student()\n"
         "plain.backbone.set_weights(student.backbone.get_weights())\n"
         "\n"
         "distiller = keras_gemma2.Gemma2Distiller(\n"
         "    teacher=teacher, student=student, temperature=1.0, alpha=1.0)\n"
         "distiller.compile(optimizer=keras.optimizers.Adam(3e-3))\n"
-        "distiller.fit(train, batch_size=16, epochs=1, verbose=0)\n"
+        "distilled_kl = HeldOutKL(student)\n"
+        "distiller.fit(train, batch_size=16, epochs=1, verbose=0, callbacks=[distilled_kl])\n"
         "\n"
         "plain.compile(optimizer=keras.optimizers.Adam(3e-3))\n"
-        "plain.fit(train, batch_size=16, epochs=1, verbose=0)\n"
+        "plain_kl = HeldOutKL(plain)\n"
+        "plain.fit(train, batch_size=16, epochs=1, verbose=0, callbacks=[plain_kl])\n"
         "\n"
         "print('distilled         ', held_out_numbers(student))\n"
         "print('cross-entropy only', held_out_numbers(plain))"
+    ),
+    new_code_cell(
+        "plt.plot(distilled_kl.curve, 'o-', markersize=3, label='distilled (loss: KL to the teacher)')\n"
+        "plt.plot(plain_kl.curve, 'o-', markersize=3, label='cross-entropy only (loss: the text)')\n"
+        "plt.xlabel('training step')\n"
+        "plt.ylabel('held-out KL to the teacher')\n"
+        "plt.legend()\n"
+        "plt.show()"
     ),
     new_markdown_cell(
         "The distilled student is much closer to the teacher's "
@@ -455,15 +636,18 @@ DISTILL_AND_MERGE = [
         "test_batches = {name: init.preprocessor(data.as_chat(test_task))\n"
         "                for name, (_, test_task) in tasks.items()}\n"
         "\n"
+        "table = {}  # name -> [task A loss, task B loss]\n"
+        "\n"
         "def task_losses(name, lm):\n"
         "    losses = []\n"
         "    for x, y, weights in test_batches.values():\n"
         "        ce = keras.losses.sparse_categorical_crossentropy(y, lm(x), from_logits=True)\n"
         "        weights = keras.ops.convert_to_numpy(weights)\n"
         "        losses.append((keras.ops.convert_to_numpy(ce) * weights).sum() / weights.sum())\n"
+        "    table[name] = losses\n"
         "    print(f'{name:22s} task A {losses[0]:5.2f}   task B {losses[1]:5.2f}')\n"
         "\n"
-        "task_losses('gemma2_tiny_en', init)"
+        "task_losses('init (gemma2_tiny_en)', init)"
     ),
     new_markdown_cell(
         "Fine-tune two LoRA copies of the preset, one per task, with an EMA "
@@ -510,6 +694,18 @@ DISTILL_AND_MERGE = [
         "warped = merging.warp(init, [model_a, model_b], t=0.5, eta=0.5)\n"
         "task_losses('warp t=0.5 eta=0.5', warped)\n"
         "print(type(warped).__name__, 'without LoRA:', not lora.adapter_variables(warped.backbone))"
+    ),
+    new_code_cell(
+        "names = list(table)\n"
+        "where = np.arange(len(names))\n"
+        "task_a, task_b = np.array([table[name] for name in names]).T\n"
+        "plt.figure(figsize=(7, 3))\n"
+        "plt.bar(where - 0.2, task_a, 0.4, label='task A')\n"
+        "plt.bar(where + 0.2, task_b, 0.4, label='task B')\n"
+        "plt.xticks(where, names, rotation=25, ha='right', fontsize=8)\n"
+        "plt.ylabel('held-out answer loss')\n"
+        "plt.legend()\n"
+        "plt.show()"
     ),
     new_markdown_cell(
         "## 3. Merging presets on disk\n\n"
@@ -565,26 +761,49 @@ RAG = [
         "The documents are a test corpus bundled with the package: 36 short "
         "invented documents (a staff handbook, a town's history, product "
         "manuals, recipes...) and 72 questions whose answers sit in exactly "
-        "one of them."
+        "one of them. It takes about a minute on a laptop CPU; the outputs "
+        "below come from PyTorch (retrieval does not depend on the Keras "
+        "backend).\n\n"
+        "For a real model, pass `lm='gemma2_instruct_2b_en'` in the *Answer* "
+        "cell that calls `rag.ask` (in place of the tiny `lm`), and "
+        "`--preset gemma2_instruct_2b_en` on the command line; point `docs` "
+        "in the first cell at your own folder."
     ),
     new_code_cell(
+        "import logging\n"
         "import os\n"
+        "import warnings\n"
         "os.environ.setdefault('KERAS_BACKEND', 'jax')  # or tensorflow, torch\n"
+        "\n"
+        "# Quiet what is no news here: TensorFlow's C++ start-up lines, tqdm's\n"
+        "# note that ipywidgets is missing, grain's on KerasHub's read-ahead.\n"
+        "os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')\n"
+        "warnings.filterwarnings('ignore', message='IProgress not found')\n"
+        "logging.getLogger('absl').addFilter(\n"
+        "    lambda record: 'prefetch_buffer_size' not in record.getMessage())\n"
         "\n"
         "import shutil\n"
         "import tempfile\n"
+        "import keras\n"
+        "import matplotlib.pyplot as plt\n"
+        "import numpy as np\n"
         "import torch\n"
         "import keras_gemma2\n"
         "from keras_gemma2 import datasets, rag\n"
+        "\n"
+        "%matplotlib inline\n"
+        "plt.rcParams.update({'figure.figsize': (7, 2.6), 'figure.dpi': 80})\n"
+        "keras.utils.set_random_seed(0)\n"
         "\n"
         "# The embedding model runs on PyTorch whatever the Keras backend. On a\n"
         "# small CPU that is busy with other work, one thread is much faster.\n"
         "torch.set_num_threads(1)\n"
         "\n"
         "workdir = tempfile.mkdtemp()\n"
-        "docs = os.path.join(workdir, 'docs')\n"
+        "os.chdir(workdir)  # short relative paths from here on\n"
+        "docs = 'docs'\n"
         "shutil.copytree(datasets.rag_docs_path(), docs)  # a copy we may edit\n"
-        "db = os.path.join(workdir, 'chroma_db')\n"
+        "db = 'chroma_db'\n"
         "print(sorted(os.listdir(docs)))"
     ),
     new_markdown_cell(
@@ -643,6 +862,26 @@ RAG = [
         "first = [row[0].source == q['source'] for q, row in zip(questions, hits)]\n"
         "print(f'recall@3 {sum(found)}/{len(found)}, recall@1 {sum(first)}/{len(first)}')\n"
         "assert sum(found) >= 0.9 * len(found)"
+    ),
+    new_markdown_cell(
+        "Each question's nearest chunk, coloured by where the right document "
+        "came: the top hit, among the 3, or missed."
+    ),
+    new_code_cell(
+        "from matplotlib.patches import Patch\n"
+        "\n"
+        "colours = {'top hit': 'tab:green', 'in the top 3': 'tab:orange',\n"
+        "           'missed': 'tab:red'}\n"
+        "rank = ['top hit' if top else 'in the top 3' if any_ else 'missed'\n"
+        "        for top, any_ in zip(first, found)]\n"
+        "plt.bar(range(len(hits)), [row[0].distance for row in hits],\n"
+        "        color=[colours[r] for r in rank])\n"
+        "plt.xlabel('question')\n"
+        "plt.ylabel('cosine distance, top hit')\n"
+        "plt.legend(handles=[Patch(color=c, label=f'right document: {r}')\n"
+        "                    for r, c in colours.items()],\n"
+        "           ncols=3, fontsize=8, loc='lower center', bbox_to_anchor=(0.5, 1))\n"
+        "plt.show()"
     ),
     new_markdown_cell(
         "## Answer\n\n"
@@ -714,7 +953,6 @@ RAG = [
     new_code_cell(
         "import re\n"
         "import zlib\n"
-        "import numpy as np\n"
         "\n"
         "def bag_of_words(texts):\n"
         "    vectors = np.zeros((len(texts), 512), 'float32')\n"
@@ -725,7 +963,7 @@ RAG = [
         "\n"
         "bag_of_words.name = 'hashed-bag-of-words-512'\n"
         "\n"
-        "db_bow = os.path.join(workdir, 'chroma_db_bow')\n"
+        "db_bow = 'chroma_db_bow'\n"
         "rag.index(docs, db_bow, embedding=bag_of_words)\n"
         "hits_bow = rag.retrieve([q['question'] for q in questions], db_bow, k=3,\n"
         "                        embedding=bag_of_words)\n"
@@ -740,23 +978,121 @@ RAG = [
 ]
 
 
-def main():
-    for name, cells in (
-        ("quickstart", QUICKSTART),
-        ("distributed", DISTRIBUTED),
-        ("finetune_lora", FINETUNE),
-        ("distill_and_merge", DISTILL_AND_MERGE),
-        ("rag", RAG),
-    ):
-        notebook = new_notebook(cells=cells)
-        notebook.metadata["kernelspec"] = {
-            "name": "python3",
-            "display_name": "Python 3",
-            "language": "python",
-        }
+NOTEBOOKS = {
+    "quickstart": QUICKSTART,
+    "distributed": DISTRIBUTED,
+    "finetune_lora": FINETUNE,
+    "distill_and_merge": DISTILL_AND_MERGE,
+    "rag": RAG,
+}
+
+
+def build(name):
+    """The notebook's cells, unexecuted, with ids that stay the same."""
+    notebook = new_notebook(cells=copy.deepcopy(NOTEBOOKS[name]))
+    for number, cell in enumerate(notebook.cells):
+        cell["id"] = f"{name}-{number}"
+    notebook.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    return notebook
+
+
+def one_backend():
+    """tests/test_notebooks.py's ONE_BACKEND, read without importing Keras."""
+    tree = ast.parse((ROOT / "tests" / "test_notebooks.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            getattr(target, "id", None) == "ONE_BACKEND"
+            for target in node.targets
+        ):
+            return ast.literal_eval(node.value)
+    raise LookupError("tests/test_notebooks.py defines no ONE_BACKEND")
+
+
+def execute(notebook, backend):
+    """Runs the notebook in a fresh kernel on `backend`, in notebooks/."""
+    from nbclient import NotebookClient
+
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    # Offline: the bundled presets only, never a model hub.
+    env.update(HF_HUB_OFFLINE="1", KAGGLEHUB_OFFLINE="1")
+    client = NotebookClient(
+        notebook,
+        timeout=1200,
+        kernel_name="python3",
+        record_timing=False,
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
+    )
+    from keras_gemma2 import log_filter
+
+    # The kernel writes the backends' start-up lines to the descriptor 2 it
+    # inherits: drop them from this script's stderr too.
+    with log_filter.StartupNoiseFilter():
+        client.execute(env=env)
+    notebook.metadata["keras_gemma2"] = {"backend": backend}
+
+
+def drop_noise(notebook):
+    """Drops start-up noise lines from stream outputs; returns what is left
+    on stderr, one string per output."""
+    from keras_gemma2 import log_filter
+
+    stderr = []
+    for cell in notebook.cells:
+        outputs = []
+        for output in cell.get("outputs", []):
+            if output["output_type"] == "stream":
+                lines = output["text"].splitlines(keepends=True)
+                output["text"] = "".join(
+                    line
+                    for line in lines
+                    if not log_filter.is_noise(line.rstrip("\n").encode())
+                )
+                if not output["text"]:
+                    continue
+                if output["name"] == "stderr":
+                    stderr.append(output["text"])
+            outputs.append(output)
+        if cell["cell_type"] == "code":
+            cell["outputs"] = outputs
+    return stderr
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"notebooks to write (default: all): {', '.join(NOTEBOOKS)}",
+    )
+    parser.add_argument(
+        "--no-execute",
+        action="store_true",
+        help="write the cells without running them",
+    )
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(NOTEBOOKS))
+    if unknown:
+        parser.error(f"no notebook named {', '.join(unknown)}")
+    backends = {} if args.no_execute else one_backend()
+    for name in args.names or NOTEBOOKS:
+        notebook = build(name)
         path = ROOT / "notebooks" / f"{name}.ipynb"
+        if not args.no_execute:
+            backend = backends.get(path.name, "jax")
+            start = time.perf_counter()
+            execute(notebook, backend)
+            seconds = time.perf_counter() - start
+            for text in drop_noise(notebook):
+                print(f"{path.name}: stderr output:\n{text}", file=sys.stderr)
+        nbformat.validate(notebook)
         nbformat.write(notebook, str(path))
-        print(f"wrote {path}")
+        done = "" if args.no_execute else f" ({backend}, {seconds:.0f} s)"
+        print(f"wrote {path.relative_to(ROOT)}{done}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Gemma2CausalLM: logits, cached decoding, generate and score."""
 
 import keras
+import keras_hub
 import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
@@ -67,13 +68,62 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         sampler="greedy",
         **kwargs,
     ):
-        """Like `CausalLM.compile`, with greedy sampling by default.
+        """Like `CausalLM.compile`; the loss is the mean over target tokens.
+
+        The default loss (`loss="auto"`) is the cross-entropy summed over
+        the tokens that the preprocessor's `sample_weight` marks (the
+        response and its `<eos>` for `{"prompts", "responses"}` data, every
+        real token of plain text), divided by their total weight, as
+        transformers' causal LM loss divides by the labels it does not
+        ignore. This differs from KerasHub, whose `CausalLM` divides by
+        every position of the batch, padding included: its loss shrinks as
+        `sequence_length` grows past the examples. `fit` and `evaluate`
+        report Keras' mean of the per-batch losses, weighted by examples
+        per batch (as transformers' `Trainer` reports `eval_loss`); the
+        default `perplexity` metric is `exp` of the mean over every target
+        token seen. With gradient accumulation each micro-batch's mean
+        counts equally. Gradients are larger than KerasHub's by the same
+        factor (positions per target token): Adam's steps do not depend on
+        it, but a `clipnorm` picked for KerasHub's loss clips more here.
 
         `generate` is XLA-compiled on JAX and TensorFlow unless
         `jit_compile=False` is passed here (Keras' `"auto"` turns XLA off
         for training on a CPU-only TensorFlow; generation keeps it, since
         its loop is many times faster compiled).
+
+        Args:
+            optimizer: `"auto"` (Adam at `2e-5`), an optimizer name or a
+                `keras.Optimizer`.
+            loss: `"auto"`, a loss name or a `keras.losses.Loss`. `"auto"`
+                is `SparseCategoricalCrossentropy(from_logits=True,
+                reduction="mean_with_sample_weight")`.
+            weighted_metrics: `"auto"` or a list of metrics weighted by the
+                `sample_weight`. `"auto"` is
+                `keras.metrics.SparseCategoricalAccuracy()` and
+                `keras_hub.metrics.Perplexity(from_logits=True)`.
+            sampler: a sampler name or a `keras_hub.samplers.Sampler`, used
+                by `generate`. Defaults to `"greedy"`.
+            **kwargs: as for `keras.Model.compile`.
+
+        Example:
+        ```python
+        lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+        lm.compile(optimizer=keras.optimizers.Adam(1e-4))
+        pairs = {"prompts": ["Say hi."], "responses": ["Hi!"]}
+        logs = lm.evaluate(pairs, return_dict=True, verbose=0)
+        # The mean cross-entropy of the response tokens, and its exp.
+        logs["loss"], logs["perplexity"]
+        ```
         """
+        if loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction="mean_with_sample_weight"
+            )
+        if weighted_metrics == "auto":
+            weighted_metrics = [
+                keras.metrics.SparseCategoricalAccuracy(),
+                keras_hub.metrics.Perplexity(from_logits=True),
+            ]
         self._compiled_generation = None
         self._generate_jit_compile = kwargs.get("jit_compile") is not False
         super().compile(
@@ -83,6 +133,18 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
             sampler=sampler,
             **kwargs,
         )
+
+    def compile_from_config(self, config):
+        """Compiles with a `.keras` file's saved loss, metrics, optimizer.
+
+        Keras' own version skips models whose `compile` is overridden (a
+        warning, then the constructor's defaults), which would drop a
+        custom loss or learning rate and the optimizer's saved state.
+        """
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """Quantizes the backbone's weights (`"int8"` or `"int4"`).

@@ -24,9 +24,15 @@ class Gemma2Distiller(keras.Model):
     student)`, where `teacher_T` and `student_T` are the softmax of each
     model's (soft-capped) logits divided by the temperature `T`. Both terms
     are weighted by the preprocessor's `sample_weight` and divided by its
-    sum: padding never counts, and for `{"prompts", "responses"}` data the
-    prompt does not either (Keras' `keras.distillation.Distiller` ignores
-    `sample_weight`). `evaluate` reports the same loss on held-out data.
+    sum over the batch: the loss is the mean over target tokens, as
+    `Gemma2CausalLM`'s default loss (with `alpha=0` the two are one
+    number). Padding never counts, and for `{"prompts", "responses"}` data
+    the prompt does not either (Keras' `keras.distillation.Distiller`
+    ignores `sample_weight`). `evaluate` reports the same loss on held-out
+    data; over several batches, `fit` and `evaluate` report Keras' mean of
+    the batch losses, weighted by examples per batch. Pass
+    `weighted_metrics=[keras_hub.metrics.Perplexity(from_logits=True)]` to
+    `compile` for the student's perplexity of the labels.
 
     The teacher is frozen (`teacher.trainable` is set to `False`) and may be
     larger than the student; the two must share the vocabulary (checked:
@@ -154,7 +160,8 @@ class Gemma2Distiller(keras.Model):
             optimizer: a `keras.Optimizer` or name; `"auto"` is Adam at
                 `2e-5`, as for `Gemma2CausalLM` (the distiller is compiled
                 so at construction).
-            **kwargs: as for `keras.Model.compile`, without `loss`.
+            **kwargs: as for `keras.Model.compile`, without `loss` (the
+                loss is the mean over target tokens; see the class).
         """
         if kwargs.get("loss") is not None:
             raise ValueError(

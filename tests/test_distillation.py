@@ -4,6 +4,7 @@ import pathlib
 import sys
 
 import keras
+import keras_hub
 import numpy as np
 
 import keras_gemma2
@@ -182,6 +183,32 @@ class DistillerTest(TestCase):
         )
         everywhere = (kl * x["padding_mask"]).sum() / x["padding_mask"].sum()
         self.assertNotAllClose(expected, everywhere)
+
+    def test_cross_entropy_alone_reports_the_students_own_loss(self):
+        # alpha=0 leaves the cross-entropy: the distiller and the student's
+        # default loss are both the mean over the response tokens, so they
+        # report one number (one batch; across batches both are Keras'
+        # mean of batch losses).
+        student = _student(self.preprocessor)
+        distiller = keras_gemma2.Gemma2Distiller(
+            self.teacher, student, alpha=0.0
+        )
+        pairs = {
+            "prompts": ["Define a list.", "What does the tokenizer do?"],
+            "responses": ["A mutable sequence.", "It splits text."],
+        }
+        distiller.compile(
+            weighted_metrics=[keras_hub.metrics.Perplexity(from_logits=True)]
+        )
+        logs = distiller.evaluate(
+            pairs, batch_size=2, verbose=0, return_dict=True
+        )
+        own = student.evaluate(pairs, batch_size=2, verbose=0, return_dict=True)
+        self.assertAllClose(logs["loss"], own["loss"], atol=1e-4)
+        self.assertAllClose(logs["perplexity"], own["perplexity"], rtol=1e-4)
+        # Either over every position would be less than half of it.
+        _, _, weights = self.preprocessor(pairs)
+        self.assertLess(_np(weights).sum(), 0.5 * _np(weights).size)
 
     def test_temperature_scales_the_kl_by_its_square(self):
         teacher = np.array([[2.0, 0.0, -1.0]])

@@ -212,3 +212,139 @@ def test_batches_reshuffle_every_epoch_or_keep_the_order():
     ordered = data_lib.batches(texts, batch_size=5, shuffle=False)
     assert [t.decode() for b in ordered for t in b.numpy()] == texts
     assert isinstance(ordered, tf.data.Dataset)
+
+
+# --- the loss: the mean over target tokens -----------------------------------
+
+# Responses of 1 to ~12 tokens, so the mean over tokens and the mean of the
+# per-example means differ, in 48 positions that are mostly padding.
+PAIRS = {
+    "prompts": [
+        "Define blicket.",
+        "Say hi.",
+        "What does the tokenizer do, in one sentence?",
+        "Name a colour.",
+        "What is a list?",
+    ],
+    "responses": [
+        "A small tool that people use to test toy detectors at home.",
+        "Hi!",
+        "It splits text into the pieces of its vocabulary.",
+        "Blue",
+        "A mutable sequence.",
+    ],
+}
+
+
+def _lm(learning_rate=1e-3):
+    """The tiny preset without its training dropout (0.1), compiled."""
+    backbone = keras_gemma2.Gemma2Backbone.from_preset(
+        "gemma2_tiny_en", dropout=0.0
+    )
+    preprocessor = keras_gemma2.Gemma2CausalLMPreprocessor.from_preset(
+        "gemma2_tiny_en", sequence_length=48
+    )
+    lm = keras_gemma2.Gemma2CausalLM(backbone, preprocessor)
+    lm.compile(optimizer=keras.optimizers.Adam(learning_rate))
+    return lm
+
+
+def _response_nll(lm, pairs):
+    """`-score()` summed over each response and its `<eos>`, and counts.
+
+    Independent of Keras' loss code and of the preprocessor's packing: the
+    rows are built from the tokenizer's ids and scored in one batch, right
+    padded (padding never reaches a real token through the causal mask).
+    """
+    tokenizer = lm.preprocessor.tokenizer
+    rows, starts = [], []
+    for prompt, response in zip(pairs["prompts"], pairs["responses"]):
+        p, r = _ids(lm.preprocessor, prompt), _ids(lm.preprocessor, response)
+        rows.append(
+            [tokenizer.start_token_id] + p + r + [tokenizer.end_token_id]
+        )
+        starts.append(1 + len(p))  # the first response token
+    width = max(len(row) for row in rows)
+    ids = np.zeros((len(rows), width), "int32")
+    mask = np.zeros((len(rows), width), "int32")
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    log_probs = lm.score(ids, padding_mask=mask).astype("float64")
+    sums, counts = [], []
+    for i, (start, row) in enumerate(zip(starts, rows)):
+        sums.append(-log_probs[i, start : len(row)].sum())
+        counts.append(len(row) - start)  # the response and its <eos>
+    return np.array(sums), np.array(counts, "float64")
+
+
+def test_evaluate_and_fit_report_the_mean_over_response_tokens():
+    # One batch (batch_size = number of examples): Keras reports one batch
+    # loss as is; across batches see the test below.
+    lm = _lm()
+    n = len(PAIRS["prompts"])
+    sums, counts = _response_nll(lm, PAIRS)
+    before = sums.sum() / counts.sum()
+    # The check can fail: a mean of example means, or a mean over all
+    # 48 positions (KerasHub's), is another number.
+    assert abs(before - np.mean(sums / counts)) > 1e-2
+    assert counts.sum() < 0.25 * n * 48
+
+    logs = lm.evaluate(PAIRS, batch_size=n, verbose=0, return_dict=True)
+    np.testing.assert_allclose(logs["loss"], before, atol=1e-4)
+    np.testing.assert_allclose(np.log(logs["perplexity"]), before, atol=1e-4)
+
+    # `fit` reports the loss of its one step's forward pass, before the
+    # update; `evaluate` after it scores the trained weights.
+    history = lm.fit(PAIRS, batch_size=n, epochs=1, verbose=0).history
+    np.testing.assert_allclose(history["loss"][0], before, atol=1e-4)
+    np.testing.assert_allclose(
+        np.log(history["perplexity"][0]), before, atol=1e-4
+    )
+    sums, counts = _response_nll(lm, PAIRS)
+    after = sums.sum() / counts.sum()
+    assert before - after > 1e-2  # it trained
+    logs = lm.evaluate(PAIRS, batch_size=n, verbose=0, return_dict=True)
+    np.testing.assert_allclose(logs["loss"], after, atol=1e-4)
+    np.testing.assert_allclose(np.log(logs["perplexity"]), after, atol=1e-4)
+
+
+def test_perplexity_is_exact_across_batches_and_the_loss_is_not():
+    # Batches of 2, 2 and 1 examples. Keras averages the batch losses
+    # (each the mean over its batch's response tokens) weighted by the
+    # examples in each batch, as transformers' Trainer averages its
+    # `eval_loss`; the perplexity adds up every token's cross-entropy.
+    lm = _lm()
+    sums, counts = _response_nll(lm, PAIRS)
+    logs = lm.evaluate(PAIRS, batch_size=2, verbose=0, return_dict=True)
+    mean = sums.sum() / counts.sum()
+    np.testing.assert_allclose(np.log(logs["perplexity"]), mean, atol=1e-4)
+    batches = [slice(0, 2), slice(2, 4), slice(4, 5)]
+    per_batch = [sums[b].sum() / counts[b].sum() for b in batches]
+    sizes = [2, 2, 1]
+    np.testing.assert_allclose(
+        logs["loss"], np.average(per_batch, weights=sizes), atol=1e-4
+    )
+    assert abs(logs["loss"] - mean) > 1e-3
+
+
+def test_a_saved_model_keeps_its_compile_arguments(tmp_path):
+    # Keras skips `compile_from_config` for an overridden `compile`; ours
+    # restores the loss, metrics and optimizer (with its state).
+    lm = _lm(learning_rate=3e-3)
+    n = len(PAIRS["prompts"])
+    lm.fit(PAIRS, batch_size=n, epochs=1, verbose=0)
+    expected = lm.evaluate(PAIRS, batch_size=n, verbose=0, return_dict=True)
+    path = str(tmp_path / "lm.keras")
+    lm.save(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*compile.*")
+        loaded = keras.saving.load_model(path)
+    assert loaded.loss.reduction == "mean_with_sample_weight"
+    assert np.isclose(float(loaded.optimizer.learning_rate), 3e-3)
+    assert int(loaded.optimizer.iterations) == 1
+    for a, b in zip(lm.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(_np(a), _np(b))
+    got = loaded.evaluate(PAIRS, batch_size=n, verbose=0, return_dict=True)
+    assert sorted(got) == ["loss", "perplexity", "sparse_categorical_accuracy"]
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5)

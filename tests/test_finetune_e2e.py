@@ -22,8 +22,11 @@ def _setup(learning_rate):
         data.load_instructions(datasets.instructions_path("train"))
     )
     lora.enable(lm.backbone, rank=32, alpha=64, targets="all")
+    # No clipnorm: with the loss a mean over target tokens, the adapters'
+    # gradient norm on a first batch is 3.1 (0.36 when padding counted),
+    # and `clipnorm=1.0` held seed 0 at 0.72 held-out exact match.
     lm.compile(
-        optimizer=keras.optimizers.Adam(learning_rate, clipnorm=1.0),
+        optimizer=keras.optimizers.Adam(learning_rate),
         sampler="greedy",
     )
     return lm, train
@@ -47,9 +50,11 @@ def _exact_match(lm, pairs):
 )
 def test_lora_learns_the_glossary():
     # `fit` reshuffles every epoch. Measured held-out exact match after 30
-    # epochs, seeds 0/1/2: 0.89/0.84/0.81 at 1e-3; at 2e-3 seed 0 gave
-    # 0.70 (0.91 with the examples in a fixed order), at 4e-3 with
-    # cosine decay 0.26/0.47: the unseen phrasings want the lower rate.
+    # epochs at 1e-3, seeds 0/1/2: 0.90/0.63/0.85. Before the loss was a
+    # mean over target tokens (it divided by every position, and
+    # clipnorm=1.0 was set): 0.89/0.84/0.81; 2e-3 seed 0 gave 0.70 (0.91
+    # with the examples in a fixed order), 4e-3 with cosine decay
+    # 0.26/0.47: the unseen phrasings want the lower rate. Seed 0 runs.
     lm, train = _setup(1e-3)
     test = data.load_instructions(datasets.instructions_path("test"))
     before = _exact_match(lm, test)

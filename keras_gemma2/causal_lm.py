@@ -398,6 +398,9 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
             )
         if isinstance(inputs, dict):
             batch = _check_token_dict(inputs)
+            generation.check_token_ids(
+                batch["token_ids"], self.backbone.vocabulary_size
+            )
             outputs = self._generate_batch(
                 batch, stop_token_ids, max_new_tokens, strip_prompt
             )
@@ -666,6 +669,9 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
                     f"shape [batch, length]; got {token_ids.dtype} array of "
                     f"shape {token_ids.shape}."
                 )
+            generation.check_token_ids(
+                token_ids, self.backbone.vocabulary_size, "inputs"
+            )
             if padding_mask is None:
                 padding_mask = np.ones_like(token_ids)
         padding_mask = np.asarray(padding_mask).astype("int32")

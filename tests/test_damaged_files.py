@@ -126,6 +126,19 @@ class OwnPresetTest(DamagedTest):
             preset,
         )
 
+    def test_truncated_vocabulary(self):
+        preset = self.copy_preset()
+        path = os.path.join(preset, "assets", "tokenizer", "vocabulary.spm")
+        _cut(path, 1000)
+        error = self.assert_refused(
+            lambda: keras_gemma2.Gemma2CausalLM.from_preset(preset),
+            path,
+            "is not a SentencePiece model: SentencePiece cannot parse its "
+            "1000 bytes",
+            preset,
+        )
+        self.assertIsInstance(error.__cause__, RuntimeError)
+
     def test_the_command_line_prints_one_line(self):
         preset = self.copy_preset()
         weights = os.path.join(preset, "model.weights.h5")
@@ -470,3 +483,51 @@ class SafetensorsHeaderTest(DamagedTest):
             f"x.json lacks vocab_size, which a config has. {damaged.COPY_FIX}",
         )
         self.assertIsInstance(info.value, ValueError)  # the CLI's one line
+
+
+class OutOfRangeTokenIdsTest(TestCase):
+    """Ids past the vocabulary or negative: JAX's lookup would clamp them."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+        cls.size = cls.lm.backbone.vocabulary_size
+
+    def test_generate_dict(self):
+        for bad, index in ((self.size, "[1, 2]"), (-1, "[1, 2]")):
+            ids = np.array([[2, 5, 7], [2, 9, bad]])
+            match = (
+                rf"`token_ids` holds {bad} at index \[1, 2\], outside this "
+                rf"model's vocabulary of {self.size} ids"
+            )
+            with pytest.raises(ValueError, match=match):
+                self.lm.generate(
+                    {"token_ids": ids, "padding_mask": np.ones_like(ids)},
+                    max_new_tokens=2,
+                )
+        # The last valid id passes.
+        ids = np.array([[2, 5, self.size - 1]])
+        out = self.lm.generate(
+            {"token_ids": ids, "padding_mask": np.ones_like(ids)},
+            max_new_tokens=1,
+        )
+        self.assertEqual(out["token_ids"].shape, (1, 4))
+
+    def test_score(self):
+        with pytest.raises(ValueError, match=r"`inputs` holds -3 at index"):
+            self.lm.score(np.array([[2, -3, 4]]))
+        with pytest.raises(ValueError, match=rf"holds {self.size + 7} at"):
+            self.lm.score(np.array([[2, 4, self.size + 7]]))
+
+    def test_preprocessor_postprocess(self):
+        preprocessor = self.lm.preprocessor
+        ids = np.array([[2, 5, self.size]])
+        with pytest.raises(ValueError, match=r"at index \[0, 2\]"):
+            preprocessor.generate_postprocess(
+                {"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}
+            )
+        with pytest.raises(ValueError, match=r"`token_ids\[1\]` holds -1 at"):
+            preprocessor.generate_postprocess(
+                {"token_ids": [[2, 5], [2, 9, -1]],
+                 "padding_mask": [[1, 1], [1, 1, 1]]}
+            )

@@ -23,6 +23,7 @@ PUBLIC = [
     presets_lib.RegisteredPresetsMixin.from_preset,
     keras_gemma2.Gemma2CausalLM,
     keras_gemma2.Gemma2CausalLM.generate,
+    keras_gemma2.Gemma2CausalLM.compile,
     keras_gemma2.Gemma2CausalLM.score,
     keras_gemma2.Gemma2CausalLM.export_to_transformers,
     keras_gemma2.Gemma2CausalLMPreprocessor,

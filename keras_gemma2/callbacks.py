@@ -355,8 +355,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         ) as staging:
             self._write_variables(staging)
             self._write_metadata(staging, metadata)
-            _fsync(staging)
-        _fsync(backup_dir)
+            atomic.fsync_path(staging)
+        atomic.fsync_path(backup_dir)
         # The new backup is in place: drop the ones it replaces.
         keep = 2 if self.double_checkpoint else 1
         for state in self._committed_states()[keep:]:
@@ -380,7 +380,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                     dataset.attrs["dtype"] = dtype
             if keras.backend.backend() == "torch":
                 _write_torch_rng(f.create_group("torch_rng"))
-        _fsync(path)
+        atomic.fsync_path(path)
 
     def _write_metadata(self, folder, metadata):
         with open(os.path.join(folder, _METADATA), "w") as f:
@@ -484,17 +484,3 @@ def _remove(path):
     os.rmdir(aside)
     os.replace(path, aside)
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def _fsync(path):
-    """Flushes a file or folder to disk (folders: POSIX only)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if os.path.isdir(path):
-            return  # Windows cannot open a folder.
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

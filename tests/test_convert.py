@@ -120,32 +120,7 @@ class CheckpointErrorsTest(TestCase):
             keras_gemma2.Gemma2Backbone.from_preset("hf://google/gemma-2-9b-it")
 
 
-def _keras_hub_backbone(query_head_dim_normalize=True, seed=0):
-    import keras_hub
-
-    keras.utils.set_random_seed(seed)
-    k = references.TINY_KWARGS
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=k["vocabulary_size"],
-        num_layers=k["num_layers"],
-        num_query_heads=k["num_query_heads"],
-        num_key_value_heads=k["num_key_value_heads"],
-        hidden_dim=k["hidden_dim"],
-        intermediate_dim=2 * k["intermediate_dim"],  # theirs is 2x per gate
-        head_dim=k["head_dim"],
-        query_head_dim_normalize=query_head_dim_normalize,
-        use_post_ffw_norm=True,
-        use_post_attention_norm=True,
-        final_logit_soft_cap=k["final_logit_soft_cap"],
-        attention_logit_soft_cap=k["attention_logit_soft_cap"],
-        use_sliding_window_attention=True,
-        sliding_window_size=k["sliding_window_size"],
-        dtype="float32",
-    )
-    for w in backbone.weights:  # non-trivial norms and larger weights
-        values = np.random.default_rng(len(w.path)).normal(0, 0.3, w.shape)
-        w.assign(values.astype("float32"))
-    return backbone
+_keras_hub_backbone = references.keras_hub_backbone
 
 
 class KerasHubPresetTest(TestCase):

@@ -314,12 +314,13 @@ FINETUNE = [
         "Rank-32 adapters on every linear layer; everything else is frozen. "
         "`fit` reshuffles the examples every epoch, and scores the held-out "
         "pairs (`validation_data`) after each one. 12 epochs keep this "
-        "notebook short and get a few of the held-out answers right; 30 "
-        "epochs get 80-90% of them (`tests/test_finetune_e2e.py`)."
+        "notebook short and get part of the held-out answers right; 30 "
+        "epochs get 63-90% of them, depending on the seed "
+        "(`tests/test_finetune_e2e.py`)."
     ),
     new_code_cell(
         "lora.enable(lm.backbone, rank=32, alpha=64, targets='all')\n"
-        "lm.compile(optimizer=keras.optimizers.Adam(1e-3, clipnorm=1.0))\n"
+        "lm.compile(optimizer=keras.optimizers.Adam(1e-3))\n"
         "history = lm.fit(data.as_chat(train), validation_data=data.as_chat(test),\n"
         "                 batch_size=16, epochs=12, verbose=0)\n"
         "print('training loss', [round(l, 2) for l in history.history['loss']])\n"
@@ -389,7 +390,7 @@ FINETUNE = [
         "print(f'weights: {before / 2**20:.1f} MiB -> {size(small.backbone) / 2**20:.1f} MiB')\n"
         "lora.enable(small.backbone, rank=8, dropout=0.05)\n"
         "small.preprocessor.sequence_length = 40\n"
-        "small.compile(optimizer=keras.optimizers.Adam(1e-3, clipnorm=1.0))\n"
+        "small.compile(optimizer=keras.optimizers.Adam(1e-3))\n"
         "history = small.fit(data.as_chat(train), batch_size=16, epochs=1, verbose=0)\n"
         "print('one epoch on the int8 base, loss', round(history.history['loss'][0], 2))\n"
         "print(small.generate('The tokenizer', max_new_tokens=8))"
@@ -972,8 +973,8 @@ RAG = [
         "print(f'bag of words recall@3 {sum(found_bow)}/{len(found_bow)}')\n"
         "try:\n"
         "    rag.retrieve(question, db_bow)  # the default model: refused\n"
-        "except ValueError as error:\n"
-        "    print('ValueError:', error)"
+        "except ValueError as error:  # it names the folder by its absolute path\n"
+        "    print('ValueError:', str(error).replace(os.getcwd() + os.sep, ''))"
     ),
 ]
 
@@ -1024,6 +1025,9 @@ def execute(notebook, backend):
         timeout=1200,
         kernel_name="python3",
         record_timing=False,
+        # One stdout and one stderr output per cell, however the kernel
+        # happened to flush them, so reruns compare equal.
+        coalesce_streams=True,
         resources={"metadata": {"path": str(ROOT / "notebooks")}},
     )
     from keras_gemma2 import log_filter

@@ -5,6 +5,7 @@ import re
 
 import keras
 from keras import ops
+from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras_hub.models import Backbone
 
 from keras_gemma2 import presets as presets_lib
@@ -153,6 +154,9 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
             dtype=dtype,
             **kwargs,
         )
+        if not in_stateless_scope():
+            # Loaders that defer the variables call it once they are filled.
+            direct.torch_kernel_layout(self)
 
         # === Config ===
         self.vocabulary_size = vocabulary_size

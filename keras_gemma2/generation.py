@@ -66,10 +66,13 @@ def _compile(model, fn, static_argnames):
     if backend == "torch":
         import torch
 
-        from keras_gemma2.layers.direct import direct_calls
+        from keras_gemma2.layers import direct
+
+        direct.torch_kernel_layout(model)
+        compiled_gemv = direct.use_compiled_gemv(model)
 
         def torch_function(*args, **static):
-            with torch.no_grad(), direct_calls():
+            with torch.no_grad(), direct.direct_calls(compiled_gemv):
                 return fn(*args, **static)
 
         return torch_function

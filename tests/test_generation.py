@@ -254,7 +254,7 @@ class StreamTest(TestCase):
 
 
 class DirectCallsTest(TestCase):
-    def test_direct_calls_give_identical_decode_steps(self):
+    def test_direct_calls_give_the_same_decode_steps(self):
         from keras_gemma2.layers.direct import direct_calls
 
         _, lm = _lm()
@@ -274,7 +274,9 @@ class DirectCallsTest(TestCase):
         expected = run()
         with direct_calls():
             actual = run()
-        np.testing.assert_array_equal(actual, expected)
+        # On PyTorch the products run as `F.linear` instead of Keras'
+        # einsum: the same sums in another order.
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
     def test_mixed_precision_layers_keep_keras_call(self):
         from keras_gemma2.layers import direct

@@ -9,6 +9,7 @@ from keras_gemma2.convert import from_huggingface
 from keras_gemma2.convert import from_keras_hub
 from keras_gemma2.convert import names
 from keras_gemma2.convert.files import PresetFiles
+from keras_gemma2.layers import direct
 
 OURS, HUGGING_FACE, KERAS_HUB = "keras_gemma2", "huggingface", "keras_hub"
 
@@ -162,6 +163,7 @@ def load_backbone(
     finally:
         if hasattr(source, "close"):
             source.close()
+    direct.torch_kernel_layout(backbone)
     return backbone
 
 

@@ -26,6 +26,9 @@ class Gemma2Embedding(ReversibleEmbedding):
     ```
     """
 
+    # `layers.direct` runs the tied logits as one `F.linear` on PyTorch.
+    _keras_gemma2_is_embedding = True
+
     def call(self, inputs, reverse=False):
         if reverse:
             return super().call(inputs, reverse=True)

@@ -1,6 +1,8 @@
 """Gemma2Backbone: token embedding -> decoder blocks -> final RMSNorm."""
 
+import contextlib
 import gc
+import os
 import re
 
 import keras
@@ -50,6 +52,17 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
         use_post_ffw_norm: bool. Defaults to `True`.
         dropout: float. Dropout rate. Defaults to `0`.
         dtype: string or `keras.DTypePolicy`. Weights and compute dtype.
+            On JAX and TensorFlow with only a CPU, `"bfloat16"` becomes
+            `"float32"` (see below).
+
+    XLA:CPU has no bfloat16 matrix product: it computes bfloat16 dots in
+    float32 and hoists the weights' conversions out of the decoding loop, so
+    a bfloat16 model's `generate` held float32 copies of its weights beside
+    them (compiled temporaries of 3.7x the bfloat16 bytes; the 2B ran out of
+    24 GB). There, a bfloat16 backbone holds its weights in float32 instead:
+    one float32 copy and nothing besides it, with float32 arithmetic, which
+    is what the dots did anyway. Set `KERAS_GEMMA2_XLA_CPU_BFLOAT16=keep` to
+    keep bfloat16. PyTorch and accelerators keep bfloat16.
 
     Example:
     ```python
@@ -96,6 +109,7 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
         )
         if query_pre_attn_scalar is None:
             query_pre_attn_scalar = head_dim
+        dtype = xla_cpu_dtype(dtype)
 
         # === Layers ===
         self.token_embedding = Gemma2Embedding(
@@ -275,29 +289,13 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
                 "overflow there); load it in float32 or bfloat16 first."
             )
 
-        def quantizable(layer):
-            if not isinstance(
-                layer, (keras.layers.EinsumDense, Gemma2Embedding)
-            ):
-                return False
-            if filters is None:
-                return True
-            if callable(filters):
-                return filters(layer)
-            patterns = [filters] if isinstance(filters, str) else filters
-            return any(re.search(p, layer.path) for p in patterns)
-
-        # Keras runs a full `gc.collect()` for every float kernel it drops
-        # (`Layer.__delattr__`): 43 of them took 10 s for the tiny preset
-        # in a test process, and a 27B has 322 matrices. One collection at
-        # the end frees the same memory.
-        collect = gc.collect
-        gc.collect = lambda *args, **kwargs: 0
-        try:
-            super().quantize(mode, config=config, filters=quantizable, **kwargs)
-        finally:
-            gc.collect = collect
-        gc.collect()
+        with few_collections():
+            super().quantize(
+                mode,
+                config=config,
+                filters=lambda layer: quantizable(layer, filters),
+                **kwargs,
+            )
 
     @staticmethod
     def get_layout_map(
@@ -377,6 +375,67 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
             }
         )
         return config
+
+
+QUANTIZATION_MODES = ("int8", "int4")
+
+
+def quantizable(layer, filters=None):
+    """Whether `Gemma2Backbone.quantize` quantizes `layer`: the `EinsumDense`
+    matrices and the embedding, narrowed by Keras-style `filters`."""
+    if not isinstance(layer, (keras.layers.EinsumDense, Gemma2Embedding)):
+        return False
+    if filters is None:
+        return True
+    if callable(filters):
+        return filters(layer)
+    patterns = [filters] if isinstance(filters, str) else filters
+    return any(re.search(p, layer.path) for p in patterns)
+
+
+def check_quantization_mode(mode):
+    """Raises a ValueError naming the modes unless `mode` is one."""
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(
+            f"`quantize` must be one of {QUANTIZATION_MODES}. "
+            f"Received: quantize={mode!r}"
+        )
+
+
+@contextlib.contextmanager
+def few_collections():
+    """One `gc.collect()` at the end instead of one per quantized layer.
+
+    Keras runs a full `gc.collect()` for every float kernel it drops
+    (`Layer.__delattr__`): 43 of them took 10 s for the tiny preset in a
+    test process, and a 27B has 322 matrices. One collection at the end
+    frees the same memory.
+    """
+    collect = gc.collect
+    gc.collect = lambda *args, **kwargs: 0
+    try:
+        yield
+    finally:
+        gc.collect = collect
+    gc.collect()
+
+
+def xla_cpu_dtype(dtype):
+    """`"float32"` for a bfloat16 `dtype` on JAX or TensorFlow with only a
+    CPU (see `Gemma2Backbone`); `dtype` itself otherwise."""
+    if keras.config.backend() not in ("jax", "tensorflow"):
+        return dtype
+    if os.environ.get("KERAS_GEMMA2_XLA_CPU_BFLOAT16") == "keep":
+        return dtype
+    policy = keras.dtype_policies.get(
+        dtype if dtype is not None else keras.config.dtype_policy()
+    )
+    if type(policy) is not keras.DTypePolicy or policy.name != "bfloat16":
+        return dtype
+    devices = keras.distribution.list_devices()
+    if any(not device.lower().startswith("cpu") for device in devices):
+        return dtype
+    return "float32"
 
 
 def _validate_architecture(

@@ -114,17 +114,29 @@ def _compile(model, fn, static_argnames):
 
     def jax_function(*args, **static):
         sampler = model.sampler
-        state = (
-            [v.value for v in sampler.variables],
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-        )
-        outputs, sampler_values = jitted(state, *args, **static)
+        outputs, sampler_values = jitted(*_jax_state(model), *args, **static)
         for variable, value in zip(sampler.variables, sampler_values):
             variable.assign(value)
         return outputs
 
+    def lower(*args, **static):
+        """`jax.jit(...).lower(...)` with the model's state: for
+        `.compile().memory_analysis()` (the memory guards in the tests)."""
+        return jitted.lower(*_jax_state(model), *args, **static)
+
+    jax_function.lower = lower
     return jax_function
+
+
+def _jax_state(model):
+    sampler = model.sampler
+    return (
+        (
+            [v.value for v in sampler.variables],
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+        ),
+    )
 
 
 def picks_one_token_per_step(sampler):

@@ -63,15 +63,18 @@ def load_foreign(cls, preset, kwargs, progress=None):
         return None
     dtype = kwargs.pop("dtype", None)
     load_weights = kwargs.pop("load_weights", True)
+    quantize = kwargs.pop("quantize", None)
     if issubclass(cls, Backbone):
-        return load_backbone(files, fmt, config, dtype, load_weights, progress)
+        return load_backbone(
+            files, fmt, config, dtype, load_weights, progress, quantize
+        )
     if issubclass(cls, Tokenizer):
         return load_tokenizer(files, fmt)
     if issubclass(cls, Preprocessor):
         return load_preprocessor(files, fmt, **kwargs)
     if issubclass(cls, CausalLM):
         backbone = load_backbone(
-            files, fmt, config, dtype, load_weights, progress
+            files, fmt, config, dtype, load_weights, progress, quantize
         )
         if "preprocessor" in kwargs:
             preprocessor = kwargs.pop("preprocessor")
@@ -123,13 +126,22 @@ def check_own_preset(files, weights=True):
 
 
 def load_backbone(
-    files, fmt, config, dtype=None, load_weights=True, progress=None
+    files,
+    fmt,
+    config,
+    dtype=None,
+    load_weights=True,
+    progress=None,
+    quantize=None,
 ):
     """A `Gemma2Backbone` with the preset's weights, checked before loading.
 
     Tensors go one at a time from the files into the model's variables, so
-    peak memory stays near the size of the finished model.
+    peak memory stays near the size of the finished model. With `quantize`
+    (`"int8"`, `"int4"`), each matrix is quantized as soon as it is filled:
+    peak memory is the quantized model plus one float matrix.
     """
+    from keras_gemma2 import backbone as backbone_lib
     from keras_gemma2.backbone import Gemma2Backbone
 
     if fmt == HUGGING_FACE:
@@ -149,6 +161,13 @@ def load_backbone(
         missing = {v.path for v in backbone.weights} - set(by_path)
         assert not missing, f"no source for {sorted(missing)}"
         dims = names.dims_of(kwargs)
+        # The one float variable of each quantizable layer -> that layer.
+        to_quantize = {}
+        if quantize:
+            for layer in backbone._flatten_layers():
+                if backbone_lib.quantizable(layer):
+                    (variable,) = layer.weights
+                    to_quantize[id(variable)] = layer
         for done, variable in enumerate(created, start=1):
             spec = by_path.get(variable.path) if load_weights else None
             value = None
@@ -158,12 +177,20 @@ def load_backbone(
                 # float32 tensor is memory-mapped, not copied.
                 value = np.asarray(read(spec, source, dims), dtype="float32")
             deferred.initialize(variable, value)
+            del value
+            layer = to_quantize.pop(id(variable), None)
+            if layer is not None:
+                with backbone_lib.few_collections():
+                    layer.quantize(quantize)
+                direct.drop_torch_params([layer])
             if progress is not None:
                 progress(done, len(created))
     finally:
         if hasattr(source, "close"):
             source.close()
     direct.torch_kernel_layout(backbone)
+    if quantize:
+        direct.drop_torch_params(backbone._flatten_layers(include_self=True))
     return backbone
 
 

@@ -242,12 +242,8 @@ def torch_kernel_layout(model):
             stale.append((layer._kernel, spec[0]))
     if not stale:
         return
-    # Keras' torch layers cache their parameters in a ParameterDict; drop
-    # those first (they are rebuilt on use), so that each old kernel is
-    # freed as soon as its copy is made.
-    for layer in layers:
-        layer._modules.pop("_torch_params", None)
-        layer.__dict__.pop("_torch_params", None)
+    # Freed as soon as its copy is made, not kept by a cached ParameterDict.
+    drop_torch_params(layers)
     for variable, perm in stale:
         value = variable.value
         inverse = tuple(perm.index(axis) for axis in range(len(perm)))
@@ -256,3 +252,13 @@ def torch_kernel_layout(model):
         requires_grad = value.requires_grad
         del value
         variable._value = torch.nn.Parameter(stored, requires_grad=requires_grad)
+
+
+def drop_torch_params(layers):
+    """Drops the ParameterDict that Keras' torch layers cache (rebuilt on
+    use), so that it does not keep replaced variable values alive."""
+    if not _is_torch():
+        return
+    for layer in layers:
+        layer._modules.pop("_torch_params", None)
+        layer.__dict__.pop("_torch_params", None)

@@ -26,7 +26,7 @@ QUIET_ENVIRONMENT = {
 _NOISE = re.compile(
     rb"^(?:"
     rb"WARNING: All log messages before absl::InitializeLog\(\) is called"
-    rb"|I\d{4} [\d:. ]+\d+ \S+:\d+\]"  # an absl INFO line: I0000 00:00:... x.cc:1]
+    rb"|I\d{4} [\d:. ]+\d+ \S+:\d+\]"  # absl INFO: I0000 00:00:... x.cc:1]
     rb"|\S+\.cc\(\d+\) LOG\(INFO\)"  # SentencePiece's INFO lines
     rb")"
 )

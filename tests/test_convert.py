@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from unittest import mock
 
 import keras
 import numpy as np
@@ -62,8 +63,12 @@ class HuggingFaceCheckpointTest(TestCase):
 
         path = os.path.join(self.get_temp_dir(), "bf16")
         references.hf_model(seed=4).to(torch.bfloat16).save_pretrained(path)
-        backbone = keras_gemma2.Gemma2Backbone.from_preset(path)
+        with mock.patch.dict(
+            os.environ, {"KERAS_GEMMA2_XLA_CPU_BFLOAT16": "keep"}
+        ):
+            backbone = keras_gemma2.Gemma2Backbone.from_preset(path)
         self.assertEqual(backbone.dtype_policy.variable_dtype, "bfloat16")
+        # Without `keep`, XLA:CPU holds it in float32 (tests/test_real_size).
         full = keras_gemma2.Gemma2Backbone.from_preset(path, dtype="float32")
         self.assertEqual(full.dtype_policy.variable_dtype, "float32")
         # bfloat16 values survive exactly into float32.

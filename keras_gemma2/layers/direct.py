@@ -251,7 +251,9 @@ def torch_kernel_layout(model):
             stored = value.permute(perm).contiguous().permute(inverse)
         requires_grad = value.requires_grad
         del value
-        variable._value = torch.nn.Parameter(stored, requires_grad=requires_grad)
+        variable._value = torch.nn.Parameter(
+            stored, requires_grad=requires_grad
+        )
 
 
 def drop_torch_params(layers):

@@ -181,7 +181,12 @@ def load_backbone(
             layer = to_quantize.pop(id(variable), None)
             if layer is not None:
                 with backbone_lib.few_collections():
-                    layer.quantize(quantize)
+                    layer.quantize(
+                        quantize,
+                        config=backbone_lib.default_quantization_config(
+                            quantize
+                        ),
+                    )
                 direct.drop_torch_params([layer])
             if progress is not None:
                 progress(done, len(created))

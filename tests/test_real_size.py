@@ -208,6 +208,37 @@ class TorchLayoutTest(TestCase):
         expected = references.hf_greedy(hf, ids, 12)[0]
         np.testing.assert_array_equal(outputs["token_ids"][0], expected)
 
+    def test_int8_decodes_as_keras_weight_only_int8_computes(self):
+        import torch
+
+        lm = _lm(seed=11)
+        lm.quantize("int8")
+        backbone = lm.backbone
+        ffw = backbone.transformer_layers[0].ffw_gating
+        # Weight-only by default on torch, stored [out, in].
+        self.assertIsNone(ffw.inputs_quantizer)
+        self.assertTrue(ffw._kernel.value.t().is_contiguous())
+        ids = references.random_token_ids(1, 6, seed=12)
+        inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+        # The reference: Keras' own int8 layers (`Layer.__call__`).
+        expected = keras.ops.convert_to_numpy(backbone.logits(backbone(inputs)))
+        with mock.patch.dict(
+            os.environ, {"KERAS_GEMMA2_TORCH_GEMV": "compiled"}
+        ):
+            with torch.no_grad(), direct.direct_calls(compiled_gemv=True):
+                cache = backbone.init_cache(1, 8)
+                _, cache = backbone.decode(backbone.embed(ids[:, :5]), cache, 0)
+                hidden, _ = backbone.decode(
+                    backbone.embed(ids[:, 5:]), cache, 5
+                )
+                step = backbone.logits(hidden)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(step)[:, 0],
+            expected[:, 5],
+            atol=1e-4,
+            rtol=1e-4,
+        )
+
     def test_gemv_switch_is_checked(self):
         with mock.patch.dict(os.environ, {"KERAS_GEMMA2_TORCH_GEMV": "fast"}):
             with self.assertRaisesRegex(ValueError, "'auto', 'compiled'"):
@@ -235,6 +266,9 @@ class QuantizeWhileLoadingTest(TestCase):
             if backbone_lib.quantizable(layer)
         }
         self.assertEqual(set(modes.values()), {"int8"})
+        ffw = quantized.transformer_layers[0].ffw_gating
+        # Weight-only on torch (`default_quantization_config`).
+        self.assertEqual(ffw.inputs_quantizer is None, BACKEND == "torch")
         self.assertEqual(len(modes), 1 + 7 * SMALL["num_layers"])
         ids = references.random_token_ids(1, 6, seed=9)
         inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}

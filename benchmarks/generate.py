@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/generate.py [--backends jax,tensorflow,torch]
         [--configs small,long,prefill-8k] [--batches 1,4]
-        [--libraries ours,keras_hub,transformers] [--repeats 2] [--quick]
+        [--libraries ours,keras_hub,transformers]
+        [--dtypes float32,bfloat16,int8] [--repeats 2] [--quick]
         [--json OUT.json] [--write-readme README.md] [--threads N]
         [--timeout SECONDS]
 
-Builds the same random-weight float32 Gemma 2 architecture (12 layers,
+Builds the same random-weight Gemma 2 architecture (12 layers,
 hidden 768, 8 query / 4 key-value heads of 64, FFN 3072 per gate, vocabulary
 32000, sliding window 256, soft caps 50/30) in keras_gemma2
 (`Gemma2CausalLM`), KerasHub (`GemmaCausalLM` with its Gemma 2 flags; its
@@ -21,6 +22,24 @@ early:
   and peak memory, for ours (chunked attention, bounded memory) and KerasHub
   (which materialises heads x 8192 x 8192 attention scores); transformers is
   skipped.
+
+Each run holds its weights in one of `--dtypes` (default `float32`):
+
+- float32: weights and compute in float32 (the only dtype before
+  `--dtypes` existed; unchanged);
+- bfloat16: weights and compute in bfloat16: ours
+  `Gemma2Backbone(..., dtype="bfloat16")`, KerasHub
+  `GemmaBackbone(..., dtype="bfloat16")`, transformers the model
+  `.to(torch.bfloat16)`. On JAX and TensorFlow with only a CPU our backbone
+  deliberately holds a bfloat16 model in float32 (XLA:CPU kept float32
+  copies of bfloat16 weights): the "held" column shows the dtypes of the
+  variables really held (the worker also records
+  `backbone.dtype_policy.name` as `held_dtype`), and a note names each
+  such run;
+- int8: ours and KerasHub built in bfloat16 as above, then
+  `lm.quantize("int8")` (int8 matrices with float scales; the run fails
+  if no layer came out quantized). transformers is skipped: it has no CPU
+  int8 without extra libraries (bitsandbytes, optimum-quanto, torchao).
 
 Ours and KerasHub run on each Keras backend given; transformers runs once
 (PyTorch). On TensorFlow, KerasHub also runs with `jit_compile=False` as the
@@ -53,11 +72,17 @@ worker builds the model, then measures:
 The parent measures this machine's memory-read bandwidth once (best of 5
 sums of a 1 GiB float32 array: numpy, numpy over one thread per core, and a
 jitted `jax.numpy.sum`; the fastest counts). Decoding reads every weight once
-per step, so the bandwidth limit is batch * bandwidth / weight bytes tokens/s
-(weight bytes = parameters x 4, the tied embedding counted once); the table
-gives decode speed as a fraction of it. Then it prints ratios: ours/KerasHub
-and ours/transformers decode speed, long/small and batch 4/batch 1 decode
-speed, first-call time ours/KerasHub, and the 8k prefill's peak memory.
+per step, so the bandwidth limit is batch * bandwidth / weight bytes tokens/s,
+where weight bytes (`weight_bytes`, the "weights MiB" column) is what the
+worker finds in the model it built: the element bytes summed over
+`backbone.weights` (Keras; int8 matrices count 1 byte per element plus
+their scales) or `p.numel() * p.element_size()` over the parameters
+(transformers), the tied embedding counted once. The table gives decode
+speed as a fraction of that limit. Then it prints ratios, each between rows
+of the same dtype: ours/KerasHub and ours/transformers decode speed,
+long/small and batch 4/batch 1 decode speed, first-call time ours/KerasHub,
+the 8k prefill's peak memory; and, per library and backend, decode speed
+in bfloat16 and int8 over float32 (same config and batch).
 
 `--quick` runs a tiny model (2 layers, hidden 64, vocabulary 512, window 8;
 prompt 16 with 8 new tokens, long 64 + 16, prefill 256) as a smoke test: its
@@ -122,6 +147,7 @@ QUICK_CONFIGS = {
 }
 BACKENDS = ("jax", "tensorflow", "torch")
 LIBRARIES = ("ours", "keras_hub", "transformers")
+DTYPES = ("float32", "bfloat16", "int8")
 VERSION_PACKAGES = (
     "keras",
     "keras-hub",
@@ -167,6 +193,18 @@ def _prompts(spec):
     return token_ids
 
 
+def _itemsize(dtype):
+    """Bytes per element of a dtype name (bfloat16 through ml_dtypes)."""
+    import numpy as np
+
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, dtype)).itemsize
+
+
 def _tensor_bytes(tensor):
     import numpy as np
 
@@ -175,8 +213,41 @@ def _tensor_bytes(tensor):
     import keras
 
     size = int(np.prod([int(d) for d in keras.ops.shape(tensor)]))
-    dtype = keras.backend.standardize_dtype(tensor.dtype)
-    return size * np.dtype(dtype).itemsize
+    return size * _itemsize(keras.backend.standardize_dtype(tensor.dtype))
+
+
+def _keras_weights(backbone):
+    """Bytes held by `backbone.weights`, in all and by dtype."""
+    by_dtype = {}
+    for variable in backbone.weights:
+        dtype = str(variable.dtype).removeprefix("torch.")
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + _tensor_bytes(variable)
+    return {
+        "held_dtype": backbone.dtype_policy.name,
+        "weight_bytes": sum(by_dtype.values()),
+        "weight_bytes_by_dtype": by_dtype,
+    }
+
+
+def _keras_dtype(spec):
+    """The `dtype` to build a Keras backbone with (int8: bfloat16 first)."""
+    return {"float32": None, "bfloat16": "bfloat16", "int8": "bfloat16"}[
+        spec["dtype"]
+    ]
+
+
+def _quantize(lm, spec):
+    """`lm.quantize("int8")` for an int8 spec; fails if nothing was."""
+    if spec["dtype"] != "int8":
+        return
+    lm.quantize("int8")
+    quantized = sum(
+        1
+        for layer in lm.backbone._flatten_layers()
+        if getattr(layer, "quantization_mode", None) == "int8"
+    )
+    if not quantized:
+        raise RuntimeError('quantize("int8") left no layer quantized')
 
 
 def _build_ours(spec, token_ids):
@@ -186,9 +257,13 @@ def _build_ours(spec, token_ids):
     import keras_gemma2
     from keras_gemma2 import generation
 
-    lm = keras_gemma2.Gemma2CausalLM(
-        keras_gemma2.Gemma2Backbone(**spec["model"]), preprocessor=None
+    dtype = _keras_dtype(spec)
+    backbone = keras_gemma2.Gemma2Backbone(
+        **spec["model"], **({} if dtype is None else {"dtype": dtype})
     )
+    lm = keras_gemma2.Gemma2CausalLM(backbone, preprocessor=None)
+    params = lm.count_params()
+    _quantize(lm, spec)
     jit = spec.get("jit_compile")
     lm.compile(
         sampler="greedy", **({} if jit is None else {"jit_compile": jit})
@@ -217,9 +292,10 @@ def _build_ours(spec, token_ids):
     return {
         "generate": generate,
         "kv_cache": kv_cache,
-        "params": lm.count_params(),
+        "params": params,
         "jit_compile": getattr(lm, "jit_compile", None),
         "keras_backend": keras.config.backend(),
+        **_keras_weights(lm.backbone),
     }
 
 
@@ -229,6 +305,7 @@ def _build_keras_hub(spec, token_ids):
     import numpy as np
 
     model = spec["model"]
+    dtype = _keras_dtype(spec)
     backbone = keras_hub.models.GemmaBackbone(
         vocabulary_size=model["vocabulary_size"],
         num_layers=model["num_layers"],
@@ -245,8 +322,11 @@ def _build_keras_hub(spec, token_ids):
         attention_logit_soft_cap=model["attention_logit_soft_cap"],
         use_sliding_window_attention=True,
         sliding_window_size=model["sliding_window_size"],
+        **({} if dtype is None else {"dtype": dtype}),
     )
     lm = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
+    params = lm.count_params()
+    _quantize(lm, spec)
     jit = spec.get("jit_compile")
     lm.compile(
         sampler="greedy", **({} if jit is None else {"jit_compile": jit})
@@ -273,7 +353,7 @@ def _build_keras_hub(spec, token_ids):
             model["num_key_value_heads"],
             model["head_dim"],
         )
-        size = int(np.prod(shape)) * np.dtype(lm.compute_dtype).itemsize
+        size = int(np.prod(shape)) * _itemsize(lm.compute_dtype)
         return {
             "kv_cache_bytes": size,
             "kv_cache_note": f"formula of _build_cache: {list(shape)}",
@@ -282,9 +362,10 @@ def _build_keras_hub(spec, token_ids):
     return {
         "generate": generate,
         "kv_cache": kv_cache,
-        "params": lm.count_params(),
+        "params": params,
         "jit_compile": getattr(lm, "jit_compile", None),
         "keras_backend": keras.config.backend(),
+        **_keras_weights(lm.backbone),
     }
 
 
@@ -329,6 +410,10 @@ def _build_transformers(spec, token_ids):
     )
     config._attn_implementation = "eager"  # SDPA would drop the soft cap
     lm = transformers.Gemma2ForCausalLM(config).eval()
+    if spec["dtype"] == "bfloat16":
+        lm = lm.to(torch.bfloat16)
+    elif spec["dtype"] != "float32":
+        raise ValueError(f"transformers: no CPU {spec['dtype']} here")
     # Never stop early: no end token, and at least `new` tokens anyway.
     lm.generation_config.eos_token_id = None
     lm.generation_config.pad_token_id = 0
@@ -361,12 +446,19 @@ def _build_transformers(spec, token_ids):
             "kv_cache_note": f"{type(cache).__name__} after generate",
         }
 
+    by_dtype = {}
+    for p in lm.parameters():  # shared (tied) parameters once
+        dtype = str(p.dtype).removeprefix("torch.")
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + _tensor_bytes(p)
     return {
         "generate": generate,
         "kv_cache": kv_cache,
         "params": sum(p.numel() for p in lm.parameters()),
         "jit_compile": None,
         "keras_backend": None,
+        "held_dtype": str(lm.dtype).removeprefix("torch."),
+        "weight_bytes": sum(by_dtype.values()),
+        "weight_bytes_by_dtype": by_dtype,
     }
 
 
@@ -425,6 +517,9 @@ def run_worker(spec):
         "params": int(model["params"]),
         "jit_compile": model["jit_compile"],
         "keras_backend": model["keras_backend"],
+        "held_dtype": model["held_dtype"],
+        "weight_bytes": int(model["weight_bytes"]),
+        "weight_bytes_by_dtype": model["weight_bytes_by_dtype"],
         "rss_start_mib": rss_start,
         "rss_built_mib": rss_built,
         "first_call_s": first_call_s,
@@ -527,25 +622,29 @@ def _spawn(spec, env_backend, timeout):
 
 
 def _plan(args):
+    """(config, batch, dtype, label, library, backend, jit_compile) runs."""
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     runs = []
     for name in args.configs:
         prompt, new, batches, prefill_only = configs[name]
         for batch in batches or args.batches:
-            for backend in args.backends:
-                for library in ("ours", "keras_hub"):
-                    if library not in args.libraries:
-                        continue
-                    jit = True if backend == "tensorflow" else None
-                    runs.append((name, batch, library, library, backend, jit))
-                    if backend == "tensorflow" and library == "keras_hub":
-                        label = "keras_hub (no XLA)"
-                        runs.append(
-                            (name, batch, label, library, backend, False)
-                        )
-            if "transformers" in args.libraries and not prefill_only:
-                label = "transformers"
-                runs.append((name, batch, label, label, "torch", None))
+            for dtype in args.dtypes:
+                run = (name, batch, dtype)
+                for backend in args.backends:
+                    for library in ("ours", "keras_hub"):
+                        if library not in args.libraries:
+                            continue
+                        jit = True if backend == "tensorflow" else None
+                        runs.append(run + (library, library, backend, jit))
+                        if backend == "tensorflow" and library == "keras_hub":
+                            label = "keras_hub (no XLA)"
+                            runs.append(run + (label, library, backend, False))
+                # transformers: no CPU int8 without extra libraries.
+                hf = "transformers"
+                if hf not in args.libraries or prefill_only:
+                    continue
+                if dtype != "int8":
+                    runs.append(run + (hf, hf, "torch", None))
     return configs, runs
 
 
@@ -560,11 +659,12 @@ def run_all(args):
         rate = bandwidth["bytes_per_s"] / 1e9
         print(f"  {rate:.1f} GB/s ({bandwidth['method']})")
     results = []
-    for name, batch, label, library, backend, jit in runs:
+    for name, batch, dtype, label, library, backend, jit in runs:
         prompt, new, _, _ = configs[name]
         spec = {
             "library": library,
             "backend": backend,
+            "dtype": dtype,
             "jit_compile": jit,
             "model": model,
             "batch": batch,
@@ -574,23 +674,23 @@ def run_all(args):
             "threads": args.threads,
             "seed": 0,
         }
-        print(f"{name} b{batch} {label} {backend} ...", flush=True)
+        print(f"{name} b{batch} {dtype} {label} {backend} ...", flush=True)
         started = time.perf_counter()
         keras_backend = None if library == "transformers" else backend
         row = _spawn(spec, keras_backend, args.timeout)
         row.update(
             config=name,
             batch=batch,
+            dtype=dtype,
             library=label,
             backend=backend,
             prompt=prompt,
             new_tokens=new,
             wall_s=time.perf_counter() - started,
         )
-        if "params" in row and "error" not in bandwidth:
-            weight_bytes = row["params"] * 4
-            limit = batch * bandwidth["bytes_per_s"] / weight_bytes
-            row["weight_bytes"] = weight_bytes
+        if row.get("weight_bytes") and "error" not in bandwidth:
+            # The bytes of what the worker's model really held.
+            limit = batch * bandwidth["bytes_per_s"] / row["weight_bytes"]
             row["bandwidth_limit_tok_s"] = limit
             if row.get("decode_tok_s"):
                 row["bandwidth_fraction"] = row["decode_tok_s"] / limit
@@ -610,6 +710,8 @@ def run_all(args):
         "versions": _versions(),
         "model": model,
         "configs": {n: configs[n] for n in args.configs},
+        "dtypes": args.dtypes,
+        "libraries": args.libraries,
         "repeats": args.repeats,
         "results": results,
     }
@@ -633,9 +735,12 @@ def _versions():
 COLUMNS = (
     ("config", "config"),
     ("batch", "batch"),
+    ("dtype", "dtype"),
     ("library", "library"),
     ("backend", "backend"),
     ("prompt+new", "tokens"),
+    ("held", "held"),
+    ("weights MiB", "weight_bytes"),
     ("first call s", "first_call_s"),
     ("TTFT s", "ttft_s"),
     ("prefill tok/s", "prefill_tok_s"),
@@ -647,16 +752,21 @@ COLUMNS = (
 
 
 # The columns that name a row; measurements follow.
-ID_COLUMNS = 5
+ID_COLUMNS = 6
 
 
 def _cell(row, key):
     if key == "tokens":
         return f"{row['prompt']}+{row['new_tokens']}"
+    if key == "held":
+        # The dtypes of the variables, most bytes first ("int8+float32").
+        by_dtype = row.get("weight_bytes_by_dtype") or {}
+        held = sorted(by_dtype, key=by_dtype.get, reverse=True)
+        return "+".join(held) or row.get("held_dtype") or "-"
     value = row.get(key)
     if value is None:
         return "-"
-    if key == "kv_cache_bytes":
+    if key in ("kv_cache_bytes", "weight_bytes"):
         return f"{value / MIB:.2f}"
     if key == "bandwidth_fraction":
         return f"{value:.1%}"
@@ -720,6 +830,10 @@ def _ratio(a, b, key):
     return a[key] / b[key]
 
 
+def _dtype_order(dtype):
+    return DTYPES.index(dtype) if dtype in DTYPES else len(DTYPES)
+
+
 def ratio_lines(report):
     """Human-readable ratios between the rows of `report`."""
     results = report["results"]
@@ -730,74 +844,128 @@ def ratio_lines(report):
             lines.append(f"{text}: {value:.2f}{unit}")
 
     keys = sorted(
-        {(r["config"], r["batch"]) for r in results},
-        key=lambda k: (list(CONFIGS).index(k[0]), k[1]),
+        {(r["config"], r["batch"], r.get("dtype", "float32")) for r in results},
+        key=lambda k: (list(CONFIGS).index(k[0]), k[1], _dtype_order(k[2])),
     )
     backends = []
     for row in results:
         if row["library"] != "transformers" and row["backend"] not in backends:
             backends.append(row["backend"])
     hf = "transformers"
-    for config, batch in keys:
-        where = {"config": config, "batch": batch}
+    # Runs that did not hold the dtype asked for (ours on XLA:CPU).
+    noted = set()
+    for row in results:
+        dtype, held = row.get("dtype"), row.get("held_dtype")
+        key = (row["library"], row["backend"], dtype, held)
+        if dtype in ("float32", "bfloat16") and held and held != dtype:
+            if key not in noted:
+                noted.add(key)
+                lines.append(
+                    f"{row['library']} {row['backend']} {dtype}: held as "
+                    f"{held} (its dtype policy)"
+                )
+    if "int8" in report.get("dtypes", ()) and hf in report.get("libraries", ()):
+        lines.append(
+            f"{hf} int8: skipped (no CPU int8 without extra libraries)"
+        )
+    for config, batch, dtype in keys:
+        where = {"config": config, "batch": batch, "dtype": dtype}
         if config == "prefill-8k":
             continue
+        name = f"{config} b{batch} {dtype}"
         for backend in backends:
             ours = _find(results, library="ours", backend=backend, **where)
             for peer in ("keras_hub", "keras_hub (no XLA)"):
                 theirs = _find(results, library=peer, backend=backend, **where)
                 add(
-                    f"{config} b{batch} {backend}: decode ours / {peer}",
+                    f"{name} {backend}: decode ours / {peer}",
                     _ratio(ours, theirs, "decode_tok_s"),
                 )
             theirs = _find(results, library=hf, **where)
             add(
-                f"{config} b{batch} {backend}: decode ours / {hf} (torch)",
+                f"{name} {backend}: decode ours / {hf} (torch)",
                 _ratio(ours, theirs, "decode_tok_s"),
             )
             theirs = _find(
                 results, library="keras_hub", backend=backend, **where
             )
             add(
-                f"{config} b{batch} {backend}: first call ours / keras_hub",
+                f"{name} {backend}: first call ours / keras_hub",
                 _ratio(ours, theirs, "first_call_s"),
             )
     libraries = []
     for row in results:
         if (row["library"], row["backend"]) not in libraries:
             libraries.append((row["library"], row["backend"]))
+    dtypes = sorted(
+        {r.get("dtype", "float32") for r in results}, key=_dtype_order
+    )
     for library, backend in libraries:
-        where = {"library": library, "backend": backend}
-        small = _find(results, config="small", batch=1, **where)
-        long = _find(results, config="long", batch=1, **where)
-        four = _find(results, config="small", batch=4, **where)
-        if library in ("ours", "keras_hub"):
-            add(
-                f"{library} {backend}: decode long / small (batch 1)",
-                _ratio(long, small, "decode_tok_s"),
-            )
-        add(
-            f"{library} {backend}: decode small batch 4 / batch 1",
-            _ratio(four, small, "decode_tok_s"),
-        )
-    for backend in backends:
-        where = {"config": "prefill-8k", "backend": backend}
-        ours = _find(results, library="ours", **where)
-        theirs = _find(results, library="keras_hub", **where)
-        if ours and theirs:
-            rss, peer_rss = ours["peak_rss_mib"], theirs["peak_rss_mib"]
-            lines.append(
-                f"prefill-8k {backend}: peak RSS ours {rss:.0f} MiB vs "
-                f"keras_hub {peer_rss:.0f} MiB ({rss / peer_rss:.2f}x); time "
-                f"to first token ours {ours['ttft_s']:.2f} s vs "
-                f"{theirs['ttft_s']:.2f} s"
-            )
-        for name, row in (("ours", ours), ("keras_hub", theirs)):
-            failed = _failed(results, library=name, **where)
-            if row is None and failed:
-                lines.append(
-                    f"prefill-8k {backend}: {name} failed: {failed['error']}"
+        for dtype in dtypes:
+            where = {"library": library, "backend": backend, "dtype": dtype}
+            small = _find(results, config="small", batch=1, **where)
+            long = _find(results, config="long", batch=1, **where)
+            four = _find(results, config="small", batch=4, **where)
+            if library in ("ours", "keras_hub"):
+                add(
+                    f"{library} {backend} {dtype}: decode long / small "
+                    "(batch 1)",
+                    _ratio(long, small, "decode_tok_s"),
                 )
+            add(
+                f"{library} {backend} {dtype}: decode small batch 4 / batch 1",
+                _ratio(four, small, "decode_tok_s"),
+            )
+    # Speed-ups from the dtype: the same library, backend, config and batch.
+    shapes = sorted(
+        {(c, b) for c, b, _ in keys if c != "prefill-8k"},
+        key=lambda k: (list(CONFIGS).index(k[0]), k[1]),
+    )
+    for library, backend in libraries:
+        for config, batch in shapes:
+            where = {
+                "library": library,
+                "backend": backend,
+                "config": config,
+                "batch": batch,
+            }
+            base = _find(results, dtype="float32", **where)
+            for dtype in ("bfloat16", "int8"):
+                row = _find(results, dtype=dtype, **where)
+                ratio = _ratio(row, base, "decode_tok_s")
+                if ratio is None:
+                    continue
+                held = row.get("held_dtype")
+                note = ""
+                if dtype == "bfloat16" and held and held != dtype:
+                    note = f" (held as {held})"
+                add(
+                    f"{library} {backend} {config} b{batch}: decode {dtype} "
+                    f"/ float32{note}",
+                    ratio,
+                )
+    for backend in backends:
+        for dtype in dtypes:
+            where = {
+                "config": "prefill-8k",
+                "backend": backend,
+                "dtype": dtype,
+            }
+            ours = _find(results, library="ours", **where)
+            theirs = _find(results, library="keras_hub", **where)
+            name = f"prefill-8k {backend} {dtype}"
+            if ours and theirs:
+                rss, peer_rss = ours["peak_rss_mib"], theirs["peak_rss_mib"]
+                lines.append(
+                    f"{name}: peak RSS ours {rss:.0f} MiB vs keras_hub "
+                    f"{peer_rss:.0f} MiB ({rss / peer_rss:.2f}x); time to "
+                    f"first token ours {ours['ttft_s']:.2f} s vs "
+                    f"{theirs['ttft_s']:.2f} s"
+                )
+            for library, row in (("ours", ours), ("keras_hub", theirs)):
+                failed = _failed(results, library=library, **where)
+                if row is None and failed:
+                    lines.append(f"{name}: {library} failed: {failed['error']}")
     return lines
 
 
@@ -897,6 +1065,12 @@ def main():
         "--libraries",
         type=lambda s: _names(s, LIBRARIES),
         default=list(LIBRARIES),
+    )
+    parser.add_argument(
+        "--dtypes",
+        type=lambda s: _names(s, DTYPES),
+        default=["float32"],
+        help="comma list of float32, bfloat16, int8 (default: float32)",
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(

@@ -44,7 +44,7 @@ _state = threading.local()
 # (19 vs 11 GB/s at one row, 7.8 vs 4.9 at four).
 _GEMV_ROWS = {"bfloat16": 1, "float32": 4}
 # Weight bytes of a model from which the compiled GEMV pays for its compile.
-COMPILED_GEMV_MIN_BYTES = 2**28
+COMPILED_GEMV_MIN_BYTES = 2**27
 
 
 @contextlib.contextmanager

@@ -7,9 +7,9 @@
         [--json OUT.json] [--write-readme README.md] [--threads N]
         [--timeout SECONDS]
 
-Builds the same random-weight Gemma 2 architecture (12 layers,
-hidden 768, 8 query / 4 key-value heads of 64, FFN 3072 per gate, vocabulary
-32000, sliding window 256, soft caps 50/30) in keras_gemma2
+Builds the same random-weight Gemma 2 architecture (12 layers, hidden 768,
+8 query / 4 key-value heads of 64, FFN 3072 per gate, vocabulary 32000,
+sliding window 256, soft caps 50/30) in keras_gemma2
 (`Gemma2CausalLM`), KerasHub (`GemmaCausalLM` with its Gemma 2 flags; its
 `intermediate_dim` is twice ours) and transformers (`Gemma2ForCausalLM`,
 eager attention: SDPA would drop the attention soft cap), and generates
@@ -33,9 +33,9 @@ Each run holds its weights in one of `--dtypes` (default `float32`):
   `.to(torch.bfloat16)`. On JAX and TensorFlow with only a CPU our backbone
   deliberately holds a bfloat16 model in float32 (XLA:CPU kept float32
   copies of bfloat16 weights): the "held" column shows the dtypes of the
-  variables really held (the worker also records
-  `backbone.dtype_policy.name` as `held_dtype`), and a note names each
-  such run;
+  variables really held, most bytes first (the worker also records
+  `backbone.dtype_policy.name`, or the torch model's dtype, as
+  `held_dtype`), and a note names each such run;
 - int8: ours and KerasHub built in bfloat16 as above, then
   `lm.quantize("int8")` (int8 matrices with float scales; the run fails
   if no layer came out quantized). transformers is skipped: it has no CPU

@@ -1,5 +1,7 @@
 """`from_preset` for presets in other formats: KerasHub and Hugging Face."""
 
+import collections
+
 import keras
 import numpy as np
 
@@ -168,7 +170,15 @@ def load_backbone(
                 if backbone_lib.quantizable(layer):
                     (variable,) = layer.weights
                     to_quantize[id(variable)] = layer
-        for done, variable in enumerate(created, start=1):
+        # Taken off the list as they are filled: a quantized layer's float
+        # variable is then freed at once, not when loading ends.
+        total = len(created)
+        pending = collections.deque(created)
+        del created[:]
+        done = 0
+        while pending:
+            variable = pending.popleft()
+            done += 1
             spec = by_path.get(variable.path) if load_weights else None
             value = None
             if spec is not None:
@@ -180,16 +190,17 @@ def load_backbone(
             del value
             layer = to_quantize.pop(id(variable), None)
             if layer is not None:
-                with backbone_lib.few_collections():
-                    layer.quantize(
-                        quantize,
-                        config=backbone_lib.default_quantization_config(
-                            quantize
-                        ),
-                    )
+                # Keras' own `gc.collect()` as it drops the float matrix
+                # (`Layer.__delattr__`) is what frees it: a reference
+                # cycle holds it. Kept here (unlike `Backbone.quantize`),
+                # or every float matrix would stay until the end.
+                layer.quantize(
+                    quantize,
+                    config=backbone_lib.default_quantization_config(quantize),
+                )
                 direct.drop_torch_params([layer])
             if progress is not None:
-                progress(done, len(created))
+                progress(done, total)
     finally:
         if hasattr(source, "close"):
             source.close()

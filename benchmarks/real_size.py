@@ -5,7 +5,7 @@
         [--libraries ours,transformers,keras_hub] [--dtype bfloat16|float32]
         [--quantize int8|int4] [--prompt 64] [--new-tokens 16] [--repeats 1]
         [--threads N] [--timeout SECONDS] [--quick] [--json OUT.json]
-        [--write-readme README.md]
+        [--write-readme README.md] [--from-json REPORT.json ...]
 
 Writes, unless `--checkpoint DIR` already holds it, a random-weight Hugging
 Face Gemma 2 checkpoint of the real 2B or 9B architecture (the sizes of
@@ -828,13 +828,14 @@ def summary(report):
     )
 
 
-def readme_block(report):
-    return "\n".join(
-        [MARK_START, markdown_table(report), "", summary(report), MARK_END]
-    )
+def readme_block(reports):
+    parts = [MARK_START]
+    for report in reports:
+        parts += [markdown_table(report), "", summary(report), ""]
+    return "\n".join(parts[:-1] + [MARK_END])
 
 
-def write_readme(path, report):
+def write_readme(path, reports):
     """Replaces the marked block in `path`; False if it has no markers."""
     try:
         with open(path, encoding="utf-8") as file:
@@ -844,7 +845,7 @@ def write_readme(path, report):
     start, end = text.find(MARK_START), text.find(MARK_END)
     if start == -1 or end < start:
         return False
-    text = text[:start] + readme_block(report) + text[end + len(MARK_END) :]
+    text = text[:start] + readme_block(reports) + text[end + len(MARK_END) :]
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".readme-")
     try:
@@ -909,7 +910,24 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", metavar="OUT.json")
     parser.add_argument("--write-readme", metavar="README.md")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="REPORT.json",
+        help="with --write-readme: write the tables of saved --json "
+        "reports (e.g. a 2b and a 9b run) instead of measuring",
+    )
     args = parser.parse_args()
+    if args.from_json:
+        if not args.write_readme:
+            parser.error("--from-json needs --write-readme")
+        reports = []
+        for name in args.from_json:
+            with open(name, encoding="utf-8") as file:
+                reports.append(json.load(file))
+        if not write_readme(args.write_readme, reports):
+            parser.error(f"{args.write_readme} lacks {MARK_START}")
+        return
     if args.prompt < 2 or args.new_tokens < 1 or args.repeats < 1:
         parser.error("--prompt >= 2, --new-tokens >= 1, --repeats >= 1")
     if args.checkpoint is None:
@@ -924,7 +942,7 @@ def main():
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump(report, file, indent=2)
-    if args.write_readme and not write_readme(args.write_readme, report):
+    if args.write_readme and not write_readme(args.write_readme, [report]):
         print(
             f"{args.write_readme} lacks {MARK_START} ... {MARK_END}; "
             "not edited.",

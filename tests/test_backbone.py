@@ -1,5 +1,8 @@
 """Gemma2Backbone: parity with transformers, sizes, config, flags, errors."""
 
+import os
+from unittest import mock
+
 import keras
 import numpy as np
 import pytest
@@ -90,6 +93,13 @@ class ConfigTest(TestCase):
         )
 
     def test_keras_hub_backbone_contract(self):
+        # KerasHub's precision check builds in bfloat16 and expects it kept,
+        # which XLA:CPU would otherwise hold in float32 (Gemma2Backbone).
+        keep = {"KERAS_GEMMA2_XLA_CPU_BFLOAT16": "keep"}
+        with mock.patch.dict(os.environ, keep):
+            self._run_contract()
+
+    def _run_contract(self):
         self.run_backbone_test(
             cls=keras_gemma2.Gemma2Backbone,
             init_kwargs=references.TINY_KWARGS,

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 import keras
 import numpy as np
@@ -92,10 +93,13 @@ class ParityWithTransformersTest(TestCase):
 
         hf, lm = _twin_lm()
         expected = hf.to(torch.bfloat16).state_dict()
-        # A float32 model exported as bf16, and a bf16 model by default.
-        bf16_backbone = keras_gemma2.Gemma2Backbone(
-            **references.TINY_KWARGS, dtype="bfloat16"
-        )
+        # A float32 model exported as bf16, and a bf16 model by default
+        # (kept in bfloat16 on XLA:CPU too, see Gemma2Backbone).
+        keep = {"KERAS_GEMMA2_XLA_CPU_BFLOAT16": "keep"}
+        with mock.patch.dict(os.environ, keep):
+            bf16_backbone = keras_gemma2.Gemma2Backbone(
+                **references.TINY_KWARGS, dtype="bfloat16"
+            )
         for variable, value in zip(
             bf16_backbone.weights, lm.backbone.get_weights()
         ):

@@ -275,8 +275,16 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
         Keras' `Model.quantize` visits every leaf layer and warns for each
         one that has no quantized form (norms, dropout); by default only
         the `EinsumDense` matrices and the embedding are visited here.
-        `filters` narrows that further, as in Keras. On PyTorch, int8 is
-        weight-only by default (see `default_quantization_config`).
+        `filters` narrows that further, as in Keras.
+
+        For inference on PyTorch, pass `config=keras.quantizers.
+        Int8QuantizationConfig(activation_quantizer=None)`: weight-only
+        int8, which `layers.direct` decodes with an int8 GEMV (Keras'
+        default int8 runs an int8 x int8 `torch.einsum`, which has no CPU
+        kernel). It is not the default because Keras 3.15's weight-only
+        backward on torch adjusts the kernel scale twice
+        (`EinsumDense._int8_call` rebinds `kernel_scale` before its
+        `grad_fn` reads it), so LoRA on it fails.
 
         Example:
         ```python
@@ -290,8 +298,6 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
                 "overflow there); load it in float32 or bfloat16 first."
             )
 
-        if config is None or _is_keras_default(config):
-            config = default_quantization_config(mode) or config
         with few_collections():
             super().quantize(
                 mode,
@@ -395,38 +401,6 @@ def quantizable(layer, filters=None):
         return filters(layer)
     patterns = [filters] if isinstance(filters, str) else filters
     return any(re.search(p, layer.path) for p in patterns)
-
-
-def default_quantization_config(mode):
-    """Keras' own default, except int8 on PyTorch: weight-only.
-
-    Keras' default int8 also rounds each layer's inputs to int8 and runs an
-    int8 x int8 einsum, which PyTorch has no CPU kernel for: a LoRA step on
-    an int8 base took 20 s against 1.2 s in float32, and decoding ran at
-    0.39x float32. Weight-only int8 (`activation_quantizer=None`, a Keras
-    option) dequantizes the weights instead, so training runs on oneDNN's
-    float kernels and generation on `layers.direct`'s int8 GEMV; it is
-    also the more accurate of the two.
-    """
-    if mode == "int8" and keras.config.backend() == "torch":
-        return keras.quantizers.Int8QuantizationConfig(
-            activation_quantizer=None
-        )
-    return None
-
-
-def _is_keras_default(config):
-    """Whether `config` is Keras' `Int8QuantizationConfig()`: Keras' wrapper
-    of every `quantize` turns `mode="int8"` into one before ours runs."""
-    from keras.src.quantizers.quantizers import AbsMaxQuantizer
-
-    activations = getattr(config, "activation_quantizer", None)
-    return (
-        type(config) is keras.quantizers.Int8QuantizationConfig
-        and config.weight_quantizer is None
-        and type(activations) is AbsMaxQuantizer
-        and activations.get_config() == AbsMaxQuantizer().get_config()
-    )
 
 
 def check_quantization_mode(mode):

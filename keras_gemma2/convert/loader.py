@@ -194,10 +194,7 @@ def load_backbone(
                 # (`Layer.__delattr__`) is what frees it: a reference
                 # cycle holds it. Kept here (unlike `Backbone.quantize`),
                 # or every float matrix would stay until the end.
-                layer.quantize(
-                    quantize,
-                    config=backbone_lib.default_quantization_config(quantize),
-                )
+                layer.quantize(quantize)
                 direct.drop_torch_params([layer])
             if progress is not None:
                 progress(done, total)

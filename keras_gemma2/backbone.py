@@ -404,11 +404,14 @@ def quantizable(layer, filters=None):
 
 
 def check_quantization_mode(mode):
-    """Raises a ValueError naming the modes unless `mode` is one."""
+    """Raises a ValueError naming the modes unless `mode` is one, or a
+    Keras `QuantizationConfig` of one."""
+    if isinstance(mode, keras.quantizers.QuantizationConfig):
+        mode = mode.mode
     if mode not in QUANTIZATION_MODES:
         raise ValueError(
-            f"`quantize` must be one of {QUANTIZATION_MODES}. "
-            f"Received: quantize={mode!r}"
+            f"`quantize` must be one of {QUANTIZATION_MODES} or a Keras "
+            f"QuantizationConfig of one. Received: quantize={mode!r}"
         )
 
 

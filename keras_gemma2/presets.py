@@ -119,11 +119,13 @@ class RegisteredPresetsMixin:
 
         Args:
             preset: string. A name in `cls.presets`, a folder or a handle.
-            quantize: optional `"int8"` or `"int4"`: quantize the matrices
-                and the embedding while loading. From a KerasHub or Hugging
-                Face checkpoint each matrix is quantized as soon as it is
-                read, so peak memory is the quantized model plus one float
-                matrix (the 9B in int8 loads in under 14 GB); a preset of
+            quantize: optional `"int8"`, `"int4"` or a Keras
+                `QuantizationConfig` (e.g. weight-only int8 for inference on
+                PyTorch, see `Gemma2Backbone.quantize`): quantize the
+                matrices and the embedding while loading. From a KerasHub
+                or Hugging Face checkpoint each matrix is quantized as soon
+                as it is read, so peak memory is the quantized model plus
+                one float matrix (the 9B in int8: 12.2 GB); a preset of
                 ours loads whole, then is quantized.
             **kwargs: forwarded to KerasHub's `from_preset`, e.g. `dtype`,
                 `load_weights`.
@@ -149,7 +151,10 @@ class RegisteredPresetsMixin:
         kwargs.pop("quantize", None)
         if quantize is not None:
             model = cls.from_preset(preset, **kwargs)
-            model.quantize(quantize)
+            if isinstance(quantize, str):
+                model.quantize(quantize)
+            else:
+                model.quantize(config=quantize)
             return model
         if not cls._preset_takes_dtype:
             kwargs.pop("dtype", None)

@@ -287,10 +287,18 @@ class QuantizeWhileLoadingTest(TestCase):
             lm.backbone.transformer_layers[0].ffw_linear.quantization_mode,
             "int8",
         )
+        weight_only = keras.quantizers.Int8QuantizationConfig(
+            activation_quantizer=None
+        )
         own = keras_gemma2.Gemma2Backbone.from_preset(
-            "gemma2_tiny_en", quantize="int8"
+            "gemma2_tiny_en", quantize=weight_only
         )
         self.assertEqual(own.token_embedding.quantization_mode, "int8")
+        loaded = keras_gemma2.Gemma2Backbone.from_preset(
+            path, quantize=weight_only
+        )
+        ffw = loaded.transformer_layers[0].ffw_gating
+        self.assertIsNone(ffw.inputs_quantizer)
 
     def test_bad_modes_and_classes_are_refused(self):
         path = self._hf_folder()

@@ -194,7 +194,10 @@ def load_backbone(
                 # (`Layer.__delattr__`) is what frees it: a reference
                 # cycle holds it. Kept here (unlike `Backbone.quantize`),
                 # or every float matrix would stay until the end.
-                layer.quantize(quantize)
+                if isinstance(quantize, str):
+                    layer.quantize(quantize)
+                else:  # a keras.quantizers.QuantizationConfig
+                    layer.quantize(quantize.mode, config=quantize)
                 direct.drop_torch_params([layer])
             if progress is not None:
                 progress(done, total)

@@ -22,7 +22,8 @@ re-invoked with `--worker SPEC` and `KERAS_BACKEND` set):
 
 - ours, on each of `--backends`: `Gemma2Backbone.from_preset(DIR,
   dtype=...)` (with `--quantize int8`: `dtype="bfloat16", quantize="int8"`,
-  and the row fails if no layer came out quantized), then
+  weight-only on torch, and the row fails if no layer came out quantized),
+  then
   `Gemma2CausalLM(backbone, preprocessor=None)`;
 - transformers (PyTorch, once): `Gemma2ForCausalLM.from_pretrained(DIR,
   dtype=..., attn_implementation="eager")` (SDPA would drop the attention
@@ -355,13 +356,22 @@ def _quantized_layers(backbone, mode):
 
 
 def _ours(spec, token_ids, loading):
+    import keras
+
     import keras_gemma2
 
     _warm_up_keras()
     mode = spec.get("quantize")
     kwargs = {"dtype": spec["dtype"]}
     if mode:
-        kwargs = {"dtype": "bfloat16", "quantize": mode}
+        quantize = mode
+        if mode == "int8" and keras.config.backend() == "torch":
+            # Weight-only: what layers.direct decodes with its int8 GEMV
+            # (Keras' default int8 einsum has no CPU kernel on torch).
+            quantize = keras.quantizers.Int8QuantizationConfig(
+                activation_quantizer=None
+            )
+        kwargs = {"dtype": "bfloat16", "quantize": quantize}
     with loading():
         backbone = keras_gemma2.Gemma2Backbone.from_preset(
             spec["checkpoint"], **kwargs

@@ -61,7 +61,11 @@ def test_generate_with_max_length():
 )
 def test_verbose_shows_the_backends_start_up_lines():
     result = _run(
-        "generate", "The", "--max-new-tokens", "2", "--verbose",
+        "generate",
+        "The",
+        "--max-new-tokens",
+        "2",
+        "--verbose",
         env=_user_env(),
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -144,7 +148,9 @@ def test_bad_max_length_is_a_clear_error():
     result = _run("generate", "Hi", "--max-new-tokens", "0")
     assert result.returncode != 0
     assert "--max-new-tokens at least 1" in result.stderr
-    result = _run("generate", "Hi", "--max-new-tokens", "2", "--max-length", "9")
+    result = _run(
+        "generate", "Hi", "--max-new-tokens", "2", "--max-length", "9"
+    )
     assert result.returncode != 0
     assert "not allowed with argument" in result.stderr
 

@@ -528,6 +528,8 @@ class OutOfRangeTokenIdsTest(TestCase):
             )
         with pytest.raises(ValueError, match=r"`token_ids\[1\]` holds -1 at"):
             preprocessor.generate_postprocess(
-                {"token_ids": [[2, 5], [2, 9, -1]],
-                 "padding_mask": [[1, 1], [1, 1, 1]]}
+                {
+                    "token_ids": [[2, 5], [2, 9, -1]],
+                    "padding_mask": [[1, 1], [1, 1, 1]],
+                }
             )

@@ -122,8 +122,12 @@ def test_the_readme_generate_command_runs_from_the_installed_wheel(
     # README: `.venv/bin/keras-gemma2 generate "The tokenizer"`, through the
     # console script the wheel installed.
     result = subprocess.run(
-        [sys.executable, str(target / "bin" / "keras-gemma2"), "generate",
-         "The tokenizer"],
+        [
+            sys.executable,
+            str(target / "bin" / "keras-gemma2"),
+            "generate",
+            "The tokenizer",
+        ],
         cwd=elsewhere,
         env=env,
         capture_output=True,

@@ -609,9 +609,11 @@ class TestMisuse:
                 )
             try:
                 _wait_for(
-                    lambda: "Waiting for another `rag index`"
-                    in (tmp_path / "second.err").read_text()
-                    or second.poll() is not None,
+                    lambda: (
+                        "Waiting for another `rag index`"
+                        in (tmp_path / "second.err").read_text()
+                        or second.poll() is not None
+                    ),
                     "the second indexer to wait",
                 )
                 assert second.poll() is None, "the second did not wait"

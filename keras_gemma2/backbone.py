@@ -416,13 +416,13 @@ def check_quantization_mode(mode):
 
 
 @contextlib.contextmanager
-def few_collections():
+def few_collections(collect_at_end=True):
     """One `gc.collect()` at the end instead of one per quantized layer.
 
     Keras runs a full `gc.collect()` for every float kernel it drops
     (`Layer.__delattr__`): 43 of them took 10 s for the tiny preset in a
     test process, and a 27B has 322 matrices. One collection at the end
-    frees the same memory.
+    frees the same memory (`collect_at_end=False` leaves it to the caller).
     """
     collect = gc.collect
     gc.collect = lambda *args, **kwargs: 0
@@ -430,7 +430,8 @@ def few_collections():
         yield
     finally:
         gc.collect = collect
-    gc.collect()
+    if collect_at_end:
+        gc.collect()
 
 
 def xla_cpu_dtype(dtype):

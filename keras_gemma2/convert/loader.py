@@ -1,6 +1,7 @@
 """`from_preset` for presets in other formats: KerasHub and Hugging Face."""
 
 import collections
+import gc
 
 import keras
 import numpy as np
@@ -14,6 +15,8 @@ from keras_gemma2.convert.files import PresetFiles
 from keras_gemma2.layers import direct
 
 OURS, HUGGING_FACE, KERAS_HUB = "keras_gemma2", "huggingface", "keras_hub"
+# Float bytes dropped by quantizing while loading between two collections.
+_COLLECT_EVERY = 2**28
 
 
 def detect_format(files):
@@ -173,6 +176,7 @@ def load_backbone(
         # Taken off the list as they are filled: a quantized layer's float
         # variable is then freed at once, not when loading ends.
         total = len(created)
+        uncollected = 0
         pending = collections.deque(created)
         del created[:]
         done = 0
@@ -190,15 +194,20 @@ def load_backbone(
             del value
             layer = to_quantize.pop(id(variable), None)
             if layer is not None:
-                # Keras' own `gc.collect()` as it drops the float matrix
-                # (`Layer.__delattr__`) is what frees it: a reference
-                # cycle holds it. Kept here (unlike `Backbone.quantize`),
-                # or every float matrix would stay until the end.
-                if isinstance(quantize, str):
-                    layer.quantize(quantize)
-                else:  # a keras.quantizers.QuantizationConfig
-                    layer.quantize(quantize.mode, config=quantize)
+                # A reference cycle holds each dropped float matrix until a
+                # `gc.collect()`. Keras runs one per layer (seconds each in
+                # a big process); here one runs per 256 MiB dropped, which
+                # bounds memory at a few collections.
+                uncollected += int(np.prod(variable.shape)) * 4
+                with backbone_lib.few_collections(collect_at_end=False):
+                    if isinstance(quantize, str):
+                        layer.quantize(quantize)
+                    else:  # a keras.quantizers.QuantizationConfig
+                        layer.quantize(quantize.mode, config=quantize)
                 direct.drop_torch_params([layer])
+                if uncollected >= _COLLECT_EVERY:
+                    gc.collect()
+                    uncollected = 0
             if progress is not None:
                 progress(done, total)
     finally:
@@ -207,6 +216,7 @@ def load_backbone(
     direct.torch_kernel_layout(backbone)
     if quantize:
         direct.drop_torch_params(backbone._flatten_layers(include_self=True))
+        gc.collect()
     return backbone
 
 

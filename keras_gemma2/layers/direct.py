@@ -33,6 +33,7 @@ transformers and KerasHub on every backend).
 """
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -224,7 +225,7 @@ def _linear(x, weight, scale=None):
     ):
         if scale is None:
             return _compiled_gemv()(x, weight)
-        return _compiled_gemv_int8()(x, weight, scale)
+        return _compiled_gemv(scaled=True)(x, weight, scale)
     if scale is None:
         return torch.nn.functional.linear(x, weight)
     # Rows of a prefill: dequantize, as Keras' weight-only int8 call does,
@@ -241,45 +242,28 @@ def _linear(x, weight, scale=None):
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
-_GEMV = None
+@functools.cache
+def _compiled_gemv(scaled=False):
+    """The matrix-vector kernel, compiled once (per shape, by Dynamo).
 
+    A reduction, not `F.linear`: Inductor turns it into one vectorized loop
+    that streams the weights once, with float32 accumulation (as oneDNN's
+    bfloat16 GEMM accumulates). `scaled`: over int8 weights, dequantized
+    inside the kernel (one byte read a weight). Upstream gap: Keras' int8
+    `EinsumDense` on torch either runs `torch.einsum` on int8 tensors (no
+    CPU kernel: 0.39x the float32 speed) or, weight-only, dequantizes the
+    whole kernel first.
+    """
+    import torch
 
-def _compiled_gemv():
-    global _GEMV
-    if _GEMV is None:
-        import torch
+    def gemv(x, weight, scale=None):
+        sums = (x[:, None, :].float() * weight.float()).sum(-1)
+        if scale is not None:
+            sums = sums / scale.float()
+        return sums.to(x.dtype)
 
-        # A reduction, not `F.linear`: Inductor turns it into one
-        # vectorized loop that streams the weights once, with float32
-        # accumulation (as oneDNN's bfloat16 GEMM accumulates).
-        def gemv(x, weight):
-            products = x[:, None, :].float() * weight.float()
-            return products.sum(-1).to(x.dtype)
-
-        _raise_recompile_limit()
-        _GEMV = torch.compile(gemv, dynamic=False)
-    return _GEMV
-
-
-_GEMV_INT8 = None
-
-
-def _compiled_gemv_int8():
-    """The GEMV over int8 weights, dequantized inside the kernel: it reads
-    one byte a weight. Upstream gap: Keras' int8 `EinsumDense` on torch
-    either runs `torch.einsum` on int8 tensors (no CPU kernel: 0.39x the
-    float32 speed) or, weight-only, dequantizes the whole kernel first."""
-    global _GEMV_INT8
-    if _GEMV_INT8 is None:
-        import torch
-
-        def gemv_int8(x, weight, scale):
-            products = x[:, None, :].float() * weight.float()
-            return (products.sum(-1) / scale.float()).to(x.dtype)
-
-        _raise_recompile_limit()
-        _GEMV_INT8 = torch.compile(gemv_int8, dynamic=False)
-    return _GEMV_INT8
+    _raise_recompile_limit()
+    return torch.compile(gemv, dynamic=False)
 
 
 def _raise_recompile_limit():

@@ -11,6 +11,7 @@ from keras_hub.layers import RotaryEmbedding
 
 from keras_gemma2.layers import direct
 from keras_gemma2.layers.attention_masks import decoder_attention_mask
+from keras_gemma2.layers.einsum_dense import Gemma2EinsumDense
 
 # Finite, so that a fully masked row (a padded query) gives a uniform softmax
 # instead of NaN.
@@ -83,28 +84,28 @@ class Gemma2Attention(keras.layers.Layer):
         self.chunk_size = 1024
         self.num_groups = num_query_heads // num_key_value_heads
 
-        self.query = keras.layers.EinsumDense(
+        self.query = Gemma2EinsumDense(
             "btd,ndh->btnh",
             output_shape=(None, num_query_heads, head_dim),
             kernel_initializer="glorot_uniform",
             dtype=self.dtype_policy,
             name="query",
         )
-        self.key = keras.layers.EinsumDense(
+        self.key = Gemma2EinsumDense(
             "bsd,kdh->bskh",
             output_shape=(None, num_key_value_heads, head_dim),
             kernel_initializer="glorot_uniform",
             dtype=self.dtype_policy,
             name="key",
         )
-        self.value = keras.layers.EinsumDense(
+        self.value = Gemma2EinsumDense(
             "bsd,kdh->bskh",
             output_shape=(None, num_key_value_heads, head_dim),
             kernel_initializer="glorot_uniform",
             dtype=self.dtype_policy,
             name="value",
         )
-        self.attention_output = keras.layers.EinsumDense(
+        self.attention_output = Gemma2EinsumDense(
             "btnh,nhd->btd",
             output_shape=(None, None),
             kernel_initializer="glorot_uniform",

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_gemma2.layers import direct
 from keras_gemma2.layers.attention import Gemma2Attention
+from keras_gemma2.layers.einsum_dense import Gemma2EinsumDense
 from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
 
 
@@ -92,7 +93,7 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             )
 
         def dense(equation, output_shape, name):
-            return keras.layers.EinsumDense(
+            return Gemma2EinsumDense(
                 equation,
                 output_shape=output_shape,
                 kernel_initializer="glorot_uniform",

@@ -137,12 +137,25 @@ def _dense_spec(layer):
         return None
     if layer.bias is not None or getattr(layer, "lora_enabled", False):
         return None
+    return product_spec(layer)
+
+
+def product_spec(layer):
+    """`_dense_spec` of an `EinsumDense`'s equation alone (bias and LoRA
+    aside): `None` when it is not a plain product."""
     spec = layer.__dict__.get("_keras_gemma2_dense_spec")
     if spec is not None:
         return spec or None
     spec = _parse_equation(layer.equation, tuple(layer._kernel.shape))
     layer.__dict__["_keras_gemma2_dense_spec"] = spec or False
     return spec
+
+
+def kernel_2d(layer):
+    """The kernel of a plain `EinsumDense` as a torch `[out, in]` matrix: a
+    view in the layout of `torch_kernel_layout`, else a copy."""
+    perm, in_size, _, _ = product_spec(layer)
+    return layer._kernel.value.permute(perm).reshape(-1, in_size)
 
 
 def _parse_equation(equation, kernel_shape):

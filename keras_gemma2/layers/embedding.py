@@ -4,6 +4,8 @@ import keras
 from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 
+from keras_gemma2.layers.einsum_dense import int8_matmul
+
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
 class Gemma2Embedding(ReversibleEmbedding):
@@ -59,7 +61,7 @@ class Gemma2Embedding(ReversibleEmbedding):
         `EinsumDense` does for its inputs.
         """
         cap = self.logit_soft_cap
-        forward = super().quantized_call
+        forward = self._int8_reverse
 
         @ops.custom_gradient
         def logits_with_gradient(x, table, scale):
@@ -83,6 +85,31 @@ class Gemma2Embedding(ReversibleEmbedding):
             ops.convert_to_tensor(self._embeddings),
             ops.convert_to_tensor(self.embeddings_scale),
         )
+
+    def _int8_reverse(self, inputs, reverse=True):
+        """Keras' int8 reverse pass; on PyTorch its int8 matmul runs through
+        `torch._int_mm` (see `layers.einsum_dense`: Keras casts both to
+        int32 there, which has no CPU kernel), with the same int32 sums."""
+        if not (
+            keras.config.backend() == "torch"
+            and self.tie_weights
+            and self.inputs_quantizer
+        ):
+            return super().quantized_call(inputs, reverse=True)
+        quantized, inputs_scale = self.inputs_quantizer(inputs)
+        logits = int8_matmul(
+            ops.reshape(quantized, (-1, self.output_dim)), self._embeddings
+        )
+        logits = ops.reshape(logits, (*ops.shape(inputs)[:-1], self.input_dim))
+        logits = ops.cast(logits, self.compute_dtype)
+        logits = ops.divide(
+            logits,
+            ops.multiply(inputs_scale, ops.transpose(self.embeddings_scale)),
+        )
+        if self.logit_soft_cap is not None:
+            cap = self.logit_soft_cap
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
 
     def _scale(self, x):
         return x * ops.cast(ops.sqrt(float(self.output_dim)), x.dtype)

@@ -193,8 +193,15 @@ class TorchLayoutTest(TestCase):
             backbone=references.our_twin(hf), preprocessor=None
         )
         lm.compile(sampler="greedy")
-        with mock.patch.dict(
-            os.environ, {"KERAS_GEMMA2_TORCH_GEMV": "compiled"}
+        # The kernel in float32 at every size (by default it takes only
+        # large bfloat16 matrices), so that transformers' float32 greedy
+        # tokens check it.
+        with (
+            mock.patch.dict(
+                os.environ, {"KERAS_GEMMA2_TORCH_GEMV": "compiled"}
+            ),
+            mock.patch.object(direct, "_GEMV_ROWS", {"float32": 4}),
+            mock.patch.object(direct, "_GEMV_MIN_WEIGHTS", 0),
         ):
             self.assertTrue(direct.use_compiled_gemv(lm))
             ids = references.random_token_ids(1, 5, seed=7)

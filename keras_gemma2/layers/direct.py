@@ -41,9 +41,15 @@ _state = threading.local()
 
 # Rows (batch x new tokens) up to which the compiled GEMV beats `F.linear`,
 # measured on the 2B's FFN kernel (9216 x 2304): one row in bfloat16 (25 vs
-# 15 GB/s; at four rows oneDNN wins, 13.6 vs 8.4), up to four in float32
-# (19 vs 11 GB/s at one row, 7.8 vs 4.9 at four).
-_GEMV_ROWS = {"bfloat16": 1, "float32": 4}
+# 15 GB/s; at four rows oneDNN wins, 13.6 vs 8.4). Not float32: measured on
+# a quiet machine (/tmp/gemv_bench.py in issue 18's note), oneDNN's float32
+# GEMV matched or beat it at every Gemma matrix shape but 9216 x 2304.
+_GEMV_ROWS = {"bfloat16": 1}
+# Weights from which a bfloat16 matrix is worth the compiled GEMV: at
+# 2304 x 9216 it read 39 against oneDNN's 29.5 GB/s, at 2048 x 2304 they
+# tied, and below (768 x 3072: 19.2 against 21.0) oneDNN won. int8 weights
+# always take it: the alternative dequantizes the whole matrix every call.
+_GEMV_MIN_WEIGHTS = 2**22
 # Weights dequantized at a time by an int8 product of many rows.
 _DEQUANTIZE_BLOCK = 2**24
 # Weight bytes of a model from which the compiled GEMV pays for its compile.
@@ -236,9 +242,10 @@ def _linear(x, weight, scale=None):
     if getattr(_state, "gemv", False) and x.shape[0] <= _GEMV_ROWS.get(
         str(x.dtype).removeprefix("torch."), 0
     ):
-        if scale is None:
+        if scale is not None:
+            return _compiled_gemv(scaled=True)(x, weight, scale)
+        if weight.numel() >= _GEMV_MIN_WEIGHTS:
             return _compiled_gemv()(x, weight)
-        return _compiled_gemv(scaled=True)(x, weight, scale)
     if scale is None:
         return torch.nn.functional.linear(x, weight)
     # Rows of a prefill: dequantize, as Keras' weight-only int8 call does,

@@ -41,13 +41,13 @@ _state = threading.local()
 
 # Rows (batch x new tokens) up to which the compiled GEMV beats `F.linear`,
 # measured on the 2B's FFN kernel (9216 x 2304): one row in bfloat16 (25 vs
-# 15 GB/s; at four rows oneDNN wins, 13.6 vs 8.4). Not float32: measured on
-# a quiet machine (/tmp/gemv_bench.py in issue 18's note), oneDNN's float32
-# GEMV matched or beat it at every Gemma matrix shape but 9216 x 2304.
+# 15 GB/s; at four rows oneDNN wins, 13.6 vs 8.4). Not float32: measured
+# on a quiet machine by `benchmarks/gemv.py`, oneDNN's float32 GEMV matched
+# or beat it at every Gemma matrix shape but 9216 x 2304.
 _GEMV_ROWS = {"bfloat16": 1}
-# Weights from which a bfloat16 matrix is worth the compiled GEMV: at
-# 2304 x 9216 it read 39 against oneDNN's 29.5 GB/s, at 2048 x 2304 they
-# tied, and below (768 x 3072: 19.2 against 21.0) oneDNN won. int8 weights
+# Weights from which a bfloat16 matrix is worth the compiled GEMV (out x
+# in): at 9216 x 2304 it read 39 against oneDNN's 29.5 GB/s, at 2048 x 2304
+# they tied, and below (768 x 3072: 19.2 against 21.0) oneDNN won. int8 weights
 # always take it: the alternative dequantizes the whole matrix every call.
 _GEMV_MIN_WEIGHTS = 2**22
 # Weights dequantized at a time by an int8 product of many rows.

@@ -32,6 +32,7 @@ PUBLIC = [
     keras_gemma2.Gemma2DecoderBlock,
     keras_gemma2.Gemma2RMSNormalization,
     keras_gemma2.layers.Gemma2Embedding,
+    keras_gemma2.layers.Gemma2EinsumDense,
     architectures.abstract_parameter_count,
     keras_gemma2.Gemma2Backbone.get_layout_map,
     distribution.get_layout_map,

@@ -72,15 +72,21 @@ Not a test: numbers depend on the machine.
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
-import resource
-import shlex
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+from _common import find as _find  # noqa: E402
+from _common import names as _names  # noqa: E402
+from _common import peak_rss_mib as _peak_rss_mib  # noqa: E402
+from _common import proc_status_mib as _proc_status_mib  # noqa: E402
+from _common import rss_now_mib as _rss_now_mib  # noqa: E402
+from _common import timed as _timed  # noqa: E402
 
 MODEL = {
     "vocabulary_size": 32000,
@@ -128,29 +134,6 @@ MIB = 2**20
 
 
 # --- worker ----------------------------------------------------------------
-
-
-def _proc_status_mib(field):
-    """A `/proc/self/status` field (`VmRSS`, `VmHWM`) in MiB, or None."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _peak_rss_mib():
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # KiB on Linux, bytes on macOS.
-    return peak / (MIB if sys.platform == "darwin" else 1024)
-
-
-def _rss_now_mib():
-    rss = _proc_status_mib("VmRSS")
-    return _peak_rss_mib() if rss is None else rss
 
 
 def _reset_peak_rss():
@@ -273,12 +256,6 @@ def _build_keras_hub(spec, x):
 BUILDERS = {"ours": _build_ours, "keras_hub": _build_keras_hub}
 
 
-def _timed(fn, *args, **kwargs):
-    started = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return time.perf_counter() - started, result
-
-
 def _loss(logs):
     if isinstance(logs, (list, tuple)):
         logs = logs[0]
@@ -360,38 +337,6 @@ def run_worker(spec):
 # --- parent ----------------------------------------------------------------
 
 
-def _spawn(spec, env_backend, timeout):
-    """Runs one worker in a fresh process; returns its dict or an error."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if env_backend:
-        env["KERAS_BACKEND"] = env_backend
-    command = [sys.executable, os.path.abspath(__file__), "--worker"]
-    try:
-        process = subprocess.run(
-            command + [json.dumps(spec)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    for line in reversed(process.stdout.splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                break
-    lines = [line for line in process.stderr.splitlines() if line.strip()]
-    if process.returncode < 0:
-        message = f"killed by signal {-process.returncode}"
-        if -process.returncode == 9:
-            message += " (out of memory?)"
-    else:
-        message = lines[-1] if lines else "no output"
-    return {"error": message.strip()[:300], "returncode": process.returncode}
-
-
 def run_all(args):
     model = QUICK_MODEL if args.quick else MODEL
     length = QUICK_LENGTH if args.quick else LENGTH
@@ -413,7 +358,7 @@ def run_all(args):
             }
             print(f"{name} {backend} ...", flush=True)
             started = time.perf_counter()
-            row = _spawn(spec, backend, args.timeout)
+            row = _common.spawn_worker(__file__, spec, backend, args.timeout)
             row.update(
                 config=name,
                 library=library,
@@ -430,7 +375,7 @@ def run_all(args):
                 )
             results.append(row)
     return {
-        "command": _command(),
+        "command": _common.command(__file__),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         ),
@@ -438,7 +383,7 @@ def run_all(args):
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
         },
-        "versions": _versions(),
+        "versions": _common.versions(VERSION_PACKAGES),
         "model": model,
         "batch": BATCH,
         "length": length,
@@ -447,21 +392,6 @@ def run_all(args):
         "steps": args.steps,
         "results": results,
     }
-
-
-def _command():
-    script = os.path.relpath(os.path.abspath(__file__))
-    return "python " + shlex.join([script] + sys.argv[1:])
-
-
-def _versions():
-    versions = {}
-    for package in VERSION_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 COLUMNS = (
@@ -529,15 +459,6 @@ def text_table(report):
             "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
         )
     return "\n".join(lines)
-
-
-def _find(results, **where):
-    for row in results:
-        if "error" not in row and all(
-            row.get(k) == v for k, v in where.items()
-        ):
-            return row
-    return None
 
 
 RATIO_KEYS = (
@@ -621,16 +542,6 @@ def ratio_lines(report):
     return lines
 
 
-def _names(text, allowed):
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    for name in names:
-        if name not in allowed:
-            raise argparse.ArgumentTypeError(
-                f"unknown {name!r}; choose from {', '.join(allowed)}"
-            )
-    return names
-
-
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         try:
@@ -655,20 +566,7 @@ def main():
         default=list(CONFIGS),
     )
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="torch.set_num_threads for PyTorch runs (default: all cores)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=600.0,
-        help="seconds before a worker is abandoned",
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", metavar="OUT.json")
+    _common.add_run_options(parser, timeout=600.0, write_readme=False)
     args = parser.parse_args()
 
     report = run_all(args)

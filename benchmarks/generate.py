@@ -98,16 +98,20 @@ Not a test: numbers depend on the machine.
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
-import resource
-import shlex
-import subprocess
 import sys
-import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+from _common import find as _find  # noqa: E402
+from _common import names as _names  # noqa: E402
+from _common import peak_rss_mib as _peak_rss_mib  # noqa: E402
+from _common import rss_now_mib as _rss_now_mib  # noqa: E402
+from _common import timed as _timed  # noqa: E402
 
 MODEL = {
     "vocabulary_size": 32000,
@@ -162,24 +166,6 @@ MIB = 2**20
 
 
 # --- worker ----------------------------------------------------------------
-
-
-def _rss_now_mib():
-    """Current resident memory (Linux `VmRSS`), else the peak so far."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return _peak_rss_mib()
-
-
-def _peak_rss_mib():
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # KiB on Linux, bytes on macOS.
-    return peak / (MIB if sys.platform == "darwin" else 1024)
 
 
 def _prompts(spec):
@@ -469,12 +455,6 @@ BUILDERS = {
 }
 
 
-def _timed(fn, *args):
-    started = time.perf_counter()
-    result = fn(*args)
-    return time.perf_counter() - started, result
-
-
 def _check(spec, new, token_ids, padding_mask):
     """Every row must hold prompt + `new` tokens: nothing stopped early."""
     expected = (spec["batch"], spec["prompt"] + new)
@@ -589,38 +569,6 @@ def measure_bandwidth():
 # --- parent ----------------------------------------------------------------
 
 
-def _spawn(spec, env_backend, timeout):
-    """Runs one worker in a fresh process; returns its dict or an error."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if env_backend:
-        env["KERAS_BACKEND"] = env_backend
-    command = [sys.executable, os.path.abspath(__file__), "--worker"]
-    try:
-        process = subprocess.run(
-            command + [json.dumps(spec)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    for line in reversed(process.stdout.splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                break
-    lines = [line for line in process.stderr.splitlines() if line.strip()]
-    if process.returncode < 0:
-        message = f"killed by signal {-process.returncode}"
-        if -process.returncode == 9:
-            message += " (out of memory?)"
-    else:
-        message = lines[-1] if lines else "no output"
-    return {"error": message.strip()[:300], "returncode": process.returncode}
-
-
 def _plan(args):
     """(config, batch, dtype, label, library, backend, jit_compile) runs."""
     configs = QUICK_CONFIGS if args.quick else CONFIGS
@@ -652,7 +600,9 @@ def run_all(args):
     configs, runs = _plan(args)
     model = QUICK_MODEL if args.quick else MODEL
     print(f"measuring memory bandwidth ({os.cpu_count()} cores) ...")
-    bandwidth = _spawn({"bandwidth": True}, None, args.timeout)
+    bandwidth = _common.spawn_worker(
+        __file__, {"bandwidth": True}, None, args.timeout
+    )
     if "error" in bandwidth:
         print(f"  bandwidth failed: {bandwidth['error']}")
     else:
@@ -677,7 +627,7 @@ def run_all(args):
         print(f"{name} b{batch} {dtype} {label} {backend} ...", flush=True)
         started = time.perf_counter()
         keras_backend = None if library == "transformers" else backend
-        row = _spawn(spec, keras_backend, args.timeout)
+        row = _common.spawn_worker(__file__, spec, keras_backend, args.timeout)
         row.update(
             config=name,
             batch=batch,
@@ -698,7 +648,7 @@ def run_all(args):
             print(f"  error: {row['error']}")
         results.append(row)
     return {
-        "command": _command(),
+        "command": _common.command(__file__),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         ),
@@ -707,7 +657,7 @@ def run_all(args):
             "platform": platform.platform(),
             "bandwidth": bandwidth,
         },
-        "versions": _versions(),
+        "versions": _common.versions(VERSION_PACKAGES),
         "model": model,
         "configs": {n: configs[n] for n in args.configs},
         "dtypes": args.dtypes,
@@ -715,21 +665,6 @@ def run_all(args):
         "repeats": args.repeats,
         "results": results,
     }
-
-
-def _command():
-    script = os.path.relpath(os.path.abspath(__file__))
-    return "python " + shlex.join([script] + sys.argv[1:])
-
-
-def _versions():
-    versions = {}
-    for package in VERSION_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 COLUMNS = (
@@ -813,15 +748,6 @@ def markdown_table(report):
         cells = [c.replace("|", "\\|") for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _find(results, **where):
-    for row in results:
-        if "error" not in row and all(
-            row.get(k) == v for k, v in where.items()
-        ):
-            return row
-    return None
 
 
 def _ratio(a, b, key):
@@ -1002,38 +928,9 @@ def readme_block(report):
 
 def write_readme(path, report):
     """Replaces (or appends) the marked block in `path`, atomically."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except FileNotFoundError:
-        text = ""
-    block = readme_block(report)
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(MARK_END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".readme-")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        if os.path.exists(path):
-            os.chmod(temporary, os.stat(path).st_mode & 0o777)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def _names(text, allowed):
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    for name in names:
-        if name not in allowed:
-            raise argparse.ArgumentTypeError(
-                f"unknown {name!r}; choose from {', '.join(allowed)}"
-            )
-    return names
+    _common.replace_marked_block(
+        path, MARK_START, MARK_END, readme_block(report), "## Performance"
+    )
 
 
 def main():
@@ -1073,21 +970,7 @@ def main():
         help="comma list of float32, bfloat16, int8 (default: float32)",
     )
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="torch.set_num_threads for PyTorch runs (default: all cores)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=3600.0,
-        help="seconds before a worker is abandoned",
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", metavar="OUT.json")
-    parser.add_argument("--write-readme", metavar="README.md")
+    _common.add_run_options(parser, timeout=3600.0)
     args = parser.parse_args()
 
     report = run_all(args)

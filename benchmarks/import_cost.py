@@ -54,8 +54,11 @@ def measure(statement, backend, repeats):
     runs = []
     for _ in range(repeats):
         out = subprocess.run(
-            [sys.executable, "-c", _PROBE.format(statement=statement,
-                                                 heavy=HEAVY)],
+            [
+                sys.executable,
+                "-c",
+                _PROBE.format(statement=statement, heavy=HEAVY),
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -88,8 +91,13 @@ def main():
             )
             rows.append(row)
     for name, statement in TRANSFORMERS.items():
-        rows.append({"backend": "-", "name": name,
-                     **measure(statement, "torch", args.repeats)})
+        rows.append(
+            {
+                "backend": "-",
+                "name": name,
+                **measure(statement, "torch", args.repeats),
+            }
+        )
     print(
         f"{'backend':10} {'what':32} {'seconds':>8} {'peak RSS MB':>12} "
         f"{'x keras_hub':>12}  loads"

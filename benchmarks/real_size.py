@@ -60,13 +60,10 @@ machine, and the 9B in bfloat16 needs about 20 GB of memory per worker.
 import argparse
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
-import shlex
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,6 +71,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _common  # noqa: E402
 import generate as generate_bench  # noqa: E402
 import load_memory  # noqa: E402
 
@@ -549,45 +547,6 @@ def run_worker(spec):
 # --- parent ----------------------------------------------------------------
 
 
-def _spawn(spec, keras_backend, timeout, stream=False):
-    """Runs one worker in a fresh process; returns its dict or an error.
-
-    With `stream`, the worker's stderr goes to ours (progress lines).
-    """
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if keras_backend:
-        env["KERAS_BACKEND"] = keras_backend
-    command = [sys.executable, os.path.abspath(__file__), "--worker"]
-    try:
-        process = subprocess.run(
-            command + [json.dumps(spec)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=None if stream else subprocess.PIPE,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    for line in reversed(process.stdout.splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                break
-    stderr = process.stderr or ""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    if process.returncode < 0:
-        message = f"killed by signal {-process.returncode}"
-        if -process.returncode == 9:
-            message += " (out of memory?)"
-    else:
-        message = lines[-1] if lines else "no output"
-        if stream:
-            message = "failed (see above)"
-    return {"error": message.strip()[:300], "returncode": process.returncode}
-
-
 def _plan(args):
     """`(label, library, backend)`: transformers first, the reference."""
     runs = []
@@ -629,7 +588,8 @@ def run_all(args):
     import numpy as np
 
     folder = os.path.abspath(args.checkpoint)
-    written = _spawn(
+    written = _common.spawn_worker(
+        __file__,
         {
             "job": "checkpoint",
             "size": args.size,
@@ -670,7 +630,9 @@ def run_all(args):
             print(f"{label} {backend} ...", flush=True)
             started = time.perf_counter()
             keras_backend = None if library == "transformers" else backend
-            row = _spawn(spec, keras_backend, args.timeout)
+            row = _common.spawn_worker(
+                __file__, spec, keras_backend, args.timeout
+            )
             row.update(
                 library=label,
                 backend=backend,
@@ -683,12 +645,14 @@ def run_all(args):
             results.append(row)
         _add_comparisons(results, total)
     return {
-        "command": _command(),
+        "command": _common.command(__file__),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC"
         ),
         "machine": _machine(),
-        "versions": _versions(),
+        "versions": _common.versions(
+            generate_bench.VERSION_PACKAGES + ("safetensors",)
+        ),
         "size": "quick" if args.quick else args.size,
         "architecture": kwargs,
         "checkpoint": folder,
@@ -734,11 +698,6 @@ def _add_comparisons(results, total):
         row.pop("logits", None)
 
 
-def _command():
-    script = os.path.relpath(os.path.abspath(__file__))
-    return "python " + shlex.join([script] + sys.argv[1:])
-
-
 def _machine():
     memory = None
     with contextlib.suppress(OSError, ValueError, IndexError):
@@ -750,15 +709,6 @@ def _machine():
         "cpu_count": os.cpu_count(),
         "memory_bytes": memory,
     }
-
-
-def _versions():
-    versions = generate_bench._versions()
-    try:
-        versions["safetensors"] = importlib.metadata.version("safetensors")
-    except importlib.metadata.PackageNotFoundError:
-        versions["safetensors"] = "not installed"
-    return versions
 
 
 COLUMNS = (
@@ -847,26 +797,9 @@ def readme_block(reports):
 
 def write_readme(path, reports):
     """Replaces the marked block in `path`; False if it has no markers."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except FileNotFoundError:
-        return False
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start == -1 or end < start:
-        return False
-    text = text[:start] + readme_block(reports) + text[end + len(MARK_END) :]
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".readme-")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.chmod(temporary, os.stat(path).st_mode & 0o777)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    return True
+    return _common.replace_marked_block(
+        path, MARK_START, MARK_END, readme_block(reports)
+    )
 
 
 def main():
@@ -905,21 +838,7 @@ def main():
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="torch.set_num_threads for PyTorch runs (default: all cores)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=1800.0,
-        help="seconds before a worker is abandoned (default 1800)",
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", metavar="OUT.json")
-    parser.add_argument("--write-readme", metavar="README.md")
+    _common.add_run_options(parser, timeout=1800.0)
     parser.add_argument(
         "--from-json",
         nargs="+",

@@ -5,6 +5,7 @@ import os
 import pathlib
 
 from keras_gemma2 import atomic
+from keras_gemma2 import quantization
 from keras_gemma2.convert import damaged
 
 _KAGGLE = "kaggle://keras/gemma2/keras"
@@ -240,14 +241,12 @@ def _check_quantize(cls, mode):
     from keras_hub.models import Backbone
     from keras_hub.models import CausalLM
 
-    from keras_gemma2.backbone import check_quantization_mode
-
     if not issubclass(cls, (Backbone, CausalLM)):
         raise ValueError(
             f"`quantize` applies to models, not to {cls.__name__}: pass it "
             "to Gemma2CausalLM.from_preset or Gemma2Backbone.from_preset."
         )
-    check_quantization_mode(mode)
+    quantization.check_quantization_mode(mode)
 
 
 def resolve(preset, kwargs):

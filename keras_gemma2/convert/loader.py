@@ -7,6 +7,7 @@ import keras
 import numpy as np
 
 from keras_gemma2 import deferred
+from keras_gemma2 import quantization
 from keras_gemma2.convert import damaged
 from keras_gemma2.convert import from_huggingface
 from keras_gemma2.convert import from_keras_hub
@@ -146,7 +147,6 @@ def load_backbone(
     (`"int8"`, `"int4"`), each matrix is quantized as soon as it is filled:
     peak memory is the quantized model plus one float matrix.
     """
-    from keras_gemma2 import backbone as backbone_lib
     from keras_gemma2.backbone import Gemma2Backbone
 
     if fmt == HUGGING_FACE:
@@ -170,7 +170,7 @@ def load_backbone(
         to_quantize = {}
         if quantize:
             for layer in backbone._flatten_layers():
-                if backbone_lib.quantizable(layer):
+                if quantization.quantizable(layer):
                     (variable,) = layer.weights
                     to_quantize[id(variable)] = layer
         # Taken off the list as they are filled: a quantized layer's float
@@ -199,7 +199,7 @@ def load_backbone(
                 # a big process); here one runs per 256 MiB dropped, which
                 # bounds memory at a few collections.
                 uncollected += int(np.prod(variable.shape)) * 4
-                with backbone_lib.few_collections(collect_at_end=False):
+                with quantization.few_collections(collect_at_end=False):
                     if isinstance(quantize, str):
                         layer.quantize(quantize)
                     else:  # a keras.quantizers.QuantizationConfig

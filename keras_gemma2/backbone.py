@@ -8,6 +8,7 @@ from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras_hub.models import Backbone
 
 from keras_gemma2 import presets as presets_lib
+from keras_gemma2 import sharding
 from keras_gemma2.layers import direct
 from keras_gemma2.layers.attention import check_head_counts
 from keras_gemma2.layers.attention_masks import attention_layer_types
@@ -349,9 +350,7 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
             )
         ```
         """
-        from keras_gemma2 import distribution
-
-        return distribution.get_layout_map(
+        return sharding.get_layout_map(
             architecture,
             device_mesh,
             model_parallel_dim_name=model_parallel_dim_name,

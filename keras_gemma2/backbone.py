@@ -7,6 +7,7 @@ from keras import ops
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras_hub.models import Backbone
 
+from keras_gemma2 import lora
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2 import sharding
 from keras_gemma2.layers import direct
@@ -264,8 +265,6 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
         """KerasHub's `enable_lora`, refusing a rank below 1 before it
         freezes anything; `keras_gemma2.lora.enable` adds alpha, dropout
         and any target."""
-        from keras_gemma2 import lora
-
         lora.check_rank(rank)
         return super().enable_lora(rank, target_layer_names)
 

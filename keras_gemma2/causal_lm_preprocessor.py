@@ -8,6 +8,7 @@ from keras_hub.layers import StartEndPacker
 from keras_hub.models import CausalLMPreprocessor
 from keras_hub.src.utils.tensor_utils import preprocessing_function
 
+from keras_gemma2 import generation
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.tokenizer import Gemma2Tokenizer
@@ -66,8 +67,6 @@ class Gemma2CausalLMPreprocessor(
         vocabulary (SentencePiece would fail deep in a TensorFlow op)."""
         ids = x.get("token_ids") if isinstance(x, dict) else x
         if isinstance(ids, (list, tuple, np.ndarray)):
-            from keras_gemma2 import generation
-
             vocabulary_size = self.tokenizer.vocabulary_size()
             rows = _rows_if_ragged(ids)
             if rows is None:

@@ -15,6 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_gemma2 import data
+
 
 class Gemma2Distiller(keras.Model):
     """Trains a student `Gemma2CausalLM` on a teacher's next-token distribution.
@@ -275,8 +277,6 @@ class Gemma2Distiller(keras.Model):
         breaks every `Gemma2CausalLM` made before.
         """
         import tensorflow as tf
-
-        from keras_gemma2 import data
 
         if _is_tf_dataset(x):
             if y is not None or sample_weight is not None:

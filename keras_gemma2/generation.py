@@ -16,6 +16,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_gemma2.layers import direct
+
 # Prompt and total lengths round up to powers of two from this size ...
 _MIN_BUCKET = 16
 # ... up to this size, then to multiples of it.
@@ -65,8 +67,6 @@ def _compile(model, fn, static_argnames):
     backend = keras.config.backend()
     if backend == "torch":
         import torch
-
-        from keras_gemma2.layers import direct
 
         direct.torch_kernel_layout(model)
         compiled_gemv = direct.use_compiled_gemv(model)

@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from keras_gemma2.convert import damaged
+from keras_gemma2.convert import to_peft
 
 # Our EinsumDense names inside each decoder block.
 ATTENTION_TARGETS = ("query", "key", "value", "attention_output")
@@ -372,8 +373,6 @@ def unmerge(backbone):
 
 def export_peft(backbone, path, overwrite=False, base_model_name_or_path=None):
     """Writes the adapters as a PEFT folder; see `convert.to_peft`."""
-    from keras_gemma2.convert import to_peft
-
     return to_peft.export_peft(
         backbone,
         path,

@@ -50,6 +50,8 @@ import keras
 import numpy as np
 
 from keras_gemma2 import atomic
+from keras_gemma2 import lora
+from keras_gemma2 import presets
 from keras_gemma2.convert import damaged
 
 # Config entries that are not the architecture.
@@ -444,8 +446,6 @@ class _ModelSource:
     kind = "model"
 
     def __init__(self, model, label):
-        from keras_gemma2 import lora
-
         self.label = label
         self.model = model
         self.backbone = getattr(model, "backbone", model)
@@ -491,8 +491,6 @@ class _PresetSource:
 
     def __init__(self, preset, label):
         import h5py
-
-        from keras_gemma2 import presets
 
         self.label = label
         if isinstance(preset, os.PathLike):
@@ -722,8 +720,6 @@ def _merge_presets(sources, output, compute):
             f"`output` {output!r} is one of the inputs, which are read while "
             "the result is written: choose another folder."
         )
-    from keras_gemma2 import presets
-
     presets.check_preset_target(output)
     base = sources[0]
     with atomic.staged_folder(output, "merging") as staging:

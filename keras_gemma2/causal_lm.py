@@ -733,6 +733,7 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
 
 
 def _is_dataset(inputs):
+    # TensorFlow may be absent: then `inputs` is no tf.data.Dataset
     try:
         import tensorflow as tf
     except ImportError:

@@ -4,6 +4,7 @@ import warnings
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras_hub.layers import StartEndPacker
 from keras_hub.models import CausalLMPreprocessor
 from keras_hub.src.utils.tensor_utils import preprocessing_function
@@ -138,8 +139,6 @@ class Gemma2CausalLMPreprocessor(
 
     @preprocessing_function
     def _pack_prompts_responses(self, x, sequence_length):
-        import tensorflow as tf
-
         prompts = _as_tf(self.tokenizer(x["prompts"]))
         responses = _as_tf(self.tokenizer(x["responses"]))
         scalar = prompts.shape.rank == 1
@@ -197,8 +196,6 @@ def _is_python_text(value):
 
 def _as_tf(ids):
     """Token ids as a tf tensor (KerasHub's Python workflow gives lists)."""
-    import tensorflow as tf
-
     if isinstance(ids, (tf.Tensor, tf.RaggedTensor)):
         return ids
     if hasattr(ids, "tolist"):

@@ -276,6 +276,7 @@ class Gemma2Distiller(keras.Model):
         resets the base class that Keras swaps for functional models, which
         breaks every `Gemma2CausalLM` made before.
         """
+        # TensorFlow only for the tf.data pipeline of in-memory inputs
         import tensorflow as tf
 
         if _is_tf_dataset(x):
@@ -404,6 +405,7 @@ def token_kl(teacher_logits, student_logits, temperature=1.0):
 
 
 def _is_tf_dataset(x):
+    # TensorFlow may be absent: then `x` is no tf.data.Dataset
     try:
         import tensorflow as tf
     except ImportError:

@@ -46,7 +46,9 @@ merged = keras_gemma2.merging.warp(init, [policy_1, policy_2], eta=0.5)
 import os
 import shutil
 
+import h5py
 import keras
+import ml_dtypes
 import numpy as np
 
 from keras_gemma2 import atomic
@@ -490,8 +492,6 @@ class _PresetSource:
     kind = "preset"
 
     def __init__(self, preset, label):
-        import h5py
-
         self.label = label
         if isinstance(preset, os.PathLike):
             preset = os.fspath(preset)
@@ -565,8 +565,6 @@ class _PresetSource:
 
 
 def _h5_dtype(dataset):
-    import ml_dtypes
-
     if dataset.attrs.get("dtype") == "bfloat16":
         return np.dtype(ml_dtypes.bfloat16)
     return dataset.dtype
@@ -707,8 +705,6 @@ def _empty_copy(model):
 
 
 def _merge_presets(sources, output, compute):
-    import h5py
-
     if output is None or not isinstance(output, (str, os.PathLike)):
         raise ValueError(
             "Merging presets writes a preset folder: pass `output=` a "

@@ -3,6 +3,7 @@
 import os
 
 import keras
+import sentencepiece
 from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_gemma2 import presets as presets_lib
@@ -120,8 +121,6 @@ def _check_sentencepiece(proto, source):
     TensorFlow's op would raise an `InternalError` from inside the graph;
     the `sentencepiece` package (a dependency) parses the same bytes first.
     """
-    import sentencepiece
-
     what = "a SentencePiece model"
     if isinstance(proto, (str, os.PathLike)):
         with damaged.reading(proto, what, damaged.COPY_FIX):

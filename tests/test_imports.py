@@ -213,6 +213,48 @@ def test_own_modules_are_imported_at_module_level():
     assert {module for module, _, _ in found} == set(FUNCTION_LEVEL_EXCEPTIONS)
 
 
+def _uncommented_function_level_imports(path):
+    """Lines of imports inside functions with no comment saying why.
+
+    The comment may be on the import's line or on the lines just above it
+    (other imports, comments, a `try:`).
+    """
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    missing = []
+    for names, line, in_function in _imports(ast.parse(text), "", False):
+        if not in_function:
+            continue
+        above = line - 1  # 1-based line numbers: lines[line - 1] is it
+        block = [lines[above]]
+        while above > 0:
+            previous = lines[above - 1].strip()
+            if not (
+                previous.startswith(("#", "import ", "from ", "try:"))
+                and previous
+            ):
+                break
+            block.append(previous)
+            above -= 1
+        if not any("#" in text_line for text_line in block):
+            missing.append(
+                f"{path.name} line {line}: {lines[line - 1].strip()}"
+            )
+    return missing
+
+
+def test_each_function_level_import_says_why():
+    # Only optional dependencies and backend-specific modules stay inside
+    # functions, each with a one-line reason.
+    missing = [
+        entry
+        for module, path in module_files(PACKAGE).items()
+        if module not in FUNCTION_LEVEL_EXCEPTIONS
+        for entry in _uncommented_function_level_imports(path)
+    ]
+    assert not missing, "\n".join(missing)
+
+
 def _write_package(root, files):
     package = root / "pkg"
     package.mkdir()
@@ -241,6 +283,9 @@ def test_a_cycle_through_a_function_level_import_is_reported(tmp_path):
         "pkg.a -> pkg.b (pkg.a line 1) -> pkg.a (pkg.b line 5, in a function)"
     )
     assert function_level_imports(graph) == [("pkg.b", "pkg.a", 5)]
+    assert _uncommented_function_level_imports(package / "b.py") == [
+        "b.py line 5: from pkg import a"
+    ]
     with pytest.raises(AssertionError) as failure:
         check_no_cycles(graph)
     assert "import cycles:" in str(failure.value)

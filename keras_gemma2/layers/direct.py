@@ -210,7 +210,7 @@ def _torch_product(layer, args, kwargs):
 
 def _logits(embedding, x):
     """Tied logits `x @ table.T`, soft-capped as `ReversibleEmbedding` does."""
-    # torch: an optional dependency; this module runs on PyTorch only
+    # torch: an optional dependency, used on the PyTorch backend only
     import torch
 
     if not embedding.tie_weights or embedding.reverse_dtype is not None:
@@ -232,7 +232,7 @@ def _logits(embedding, x):
 def _linear(x, weight, scale=None):
     """`x @ weight.T` for `x` `[rows, in]` and `weight` `[out, in]`; an int8
     `weight` stands for `weight / scale` (`scale` `[out]`)."""
-    # torch: an optional dependency; this module runs on PyTorch only
+    # torch: an optional dependency, used on the PyTorch backend only
     import torch
 
     if getattr(_state, "gemv", False) and x.shape[0] <= _GEMV_ROWS.get(
@@ -269,7 +269,7 @@ def _compiled_gemv(scaled=False):
     CPU kernel: 0.39x the float32 speed) or, weight-only, dequantizes the
     whole kernel first.
     """
-    # torch: an optional dependency; this module runs on PyTorch only
+    # torch: an optional dependency, used on the PyTorch backend only
     import torch
 
     def gemv(x, weight, scale=None):
@@ -286,7 +286,7 @@ def _raise_recompile_limit():
     """One compile per matrix shape (and row count): a model has a dozen,
     past Dynamo's default limit of 8 per function (beyond which it warns
     and runs eagerly)."""
-    # torch: an optional dependency; this module runs on PyTorch only
+    # torch: an optional dependency, used on the PyTorch backend only
     import torch._dynamo
 
     config = torch._dynamo.config
@@ -308,7 +308,7 @@ def torch_kernel_layout(model):
     """
     if not _is_torch():
         return
-    # torch: an optional dependency; this module runs on PyTorch only
+    # torch: an optional dependency, used on the PyTorch backend only
     import torch
 
     layers = list(model._flatten_layers(include_self=True))

@@ -1,22 +1,23 @@
 """Gemma2Backbone: token embedding -> decoder blocks -> final RMSNorm."""
 
-import contextlib
-import gc
 import os
-import re
 
 import keras
 from keras import ops
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras_hub.models import Backbone
 
+from keras_gemma2 import lora
 from keras_gemma2 import presets as presets_lib
+from keras_gemma2 import sharding
 from keras_gemma2.layers import direct
 from keras_gemma2.layers.attention import check_head_counts
 from keras_gemma2.layers.attention_masks import attention_layer_types
 from keras_gemma2.layers.decoder_block import Gemma2DecoderBlock
 from keras_gemma2.layers.embedding import Gemma2Embedding
 from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
+from keras_gemma2.quantization import few_collections
+from keras_gemma2.quantization import quantizable
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -264,8 +265,6 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
         """KerasHub's `enable_lora`, refusing a rank below 1 before it
         freezes anything; `keras_gemma2.lora.enable` adds alpha, dropout
         and any target."""
-        from keras_gemma2 import lora
-
         lora.check_rank(rank)
         return super().enable_lora(rank, target_layer_names)
 
@@ -350,9 +349,7 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
             )
         ```
         """
-        from keras_gemma2 import distribution
-
-        return distribution.get_layout_map(
+        return sharding.get_layout_map(
             architecture,
             device_mesh,
             model_parallel_dim_name=model_parallel_dim_name,
@@ -385,53 +382,6 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
             }
         )
         return config
-
-
-QUANTIZATION_MODES = ("int8", "int4")
-
-
-def quantizable(layer, filters=None):
-    """Whether `Gemma2Backbone.quantize` quantizes `layer`: the `EinsumDense`
-    matrices and the embedding, narrowed by Keras-style `filters`."""
-    if not isinstance(layer, (keras.layers.EinsumDense, Gemma2Embedding)):
-        return False
-    if filters is None:
-        return True
-    if callable(filters):
-        return filters(layer)
-    patterns = [filters] if isinstance(filters, str) else filters
-    return any(re.search(p, layer.path) for p in patterns)
-
-
-def check_quantization_mode(mode):
-    """Raises a ValueError naming the modes unless `mode` is one, or a
-    Keras `QuantizationConfig` of one."""
-    if isinstance(mode, keras.quantizers.QuantizationConfig):
-        mode = mode.mode
-    if mode not in QUANTIZATION_MODES:
-        raise ValueError(
-            f"`quantize` must be one of {QUANTIZATION_MODES} or a Keras "
-            f"QuantizationConfig of one. Received: quantize={mode!r}"
-        )
-
-
-@contextlib.contextmanager
-def few_collections(collect_at_end=True):
-    """One `gc.collect()` at the end instead of one per quantized layer.
-
-    Keras runs a full `gc.collect()` for every float kernel it drops
-    (`Layer.__delattr__`): 43 of them took 10 s for the tiny preset in a
-    test process, and a 27B has 322 matrices. One collection at the end
-    frees the same memory (`collect_at_end=False` leaves it to the caller).
-    """
-    collect = gc.collect
-    gc.collect = lambda *args, **kwargs: 0
-    try:
-        yield
-    finally:
-        gc.collect = collect
-    if collect_at_end:
-        gc.collect()
 
 
 def xla_cpu_dtype(dtype):

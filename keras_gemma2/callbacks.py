@@ -47,6 +47,7 @@ import re
 import shutil
 import warnings
 
+import h5py
 import keras
 import ml_dtypes
 from keras.src.utils import file_utils
@@ -364,8 +365,6 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _write_variables(self, folder):
         """Every weight, optimizer variable and seed state, as they are."""
-        import h5py
-
         path = os.path.join(folder, _VARIABLES)
         with h5py.File(path, "w") as f:
             for group, variables in _groups(self.model).items():
@@ -447,6 +446,7 @@ def _groups(model):
 def _write_torch_rng(group):
     """PyTorch's global generators: Keras' torch dropout without a seed
     draws from them, not from its seed generator."""
+    # torch: an optional dependency, imported on the PyTorch backend only
     import torch
 
     group["cpu"] = torch.get_rng_state().numpy()
@@ -456,6 +456,7 @@ def _write_torch_rng(group):
 
 
 def _set_torch_rng(states):
+    # torch: an optional dependency, imported on the PyTorch backend only
     import torch
 
     torch.set_rng_state(torch.from_numpy(states["cpu"]))

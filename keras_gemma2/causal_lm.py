@@ -6,10 +6,12 @@ import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
 
+from keras_gemma2 import data
 from keras_gemma2 import generation
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.causal_lm_preprocessor import Gemma2CausalLMPreprocessor
+from keras_gemma2.convert import to_huggingface
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -609,8 +611,6 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         """
         in_memory = isinstance(x, (list, tuple, dict, np.ndarray))
         if in_memory and shuffle and not kwargs.get("validation_split"):
-            from keras_gemma2 import data
-
             x = data.batches(x, y, sample_weight, batch_size=batch_size or 32)
             y = sample_weight = batch_size = None
         # Shuffled above, or not wanted: KerasHub's own data never
@@ -727,14 +727,13 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         lm.export_to_transformers(path, dtype="bfloat16", overwrite=True)
         ```
         """
-        from keras_gemma2.convert import to_huggingface
-
         return to_huggingface.export_to_transformers(
             self, path, dtype=dtype, overwrite=overwrite
         )
 
 
 def _is_dataset(inputs):
+    # TensorFlow may be absent: then `inputs` is no tf.data.Dataset
     try:
         import tensorflow as tf
     except ImportError:

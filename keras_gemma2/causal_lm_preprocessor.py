@@ -4,10 +4,12 @@ import warnings
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras_hub.layers import StartEndPacker
 from keras_hub.models import CausalLMPreprocessor
 from keras_hub.src.utils.tensor_utils import preprocessing_function
 
+from keras_gemma2 import generation
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.tokenizer import Gemma2Tokenizer
@@ -66,8 +68,6 @@ class Gemma2CausalLMPreprocessor(
         vocabulary (SentencePiece would fail deep in a TensorFlow op)."""
         ids = x.get("token_ids") if isinstance(x, dict) else x
         if isinstance(ids, (list, tuple, np.ndarray)):
-            from keras_gemma2 import generation
-
             vocabulary_size = self.tokenizer.vocabulary_size()
             rows = _rows_if_ragged(ids)
             if rows is None:
@@ -139,8 +139,6 @@ class Gemma2CausalLMPreprocessor(
 
     @preprocessing_function
     def _pack_prompts_responses(self, x, sequence_length):
-        import tensorflow as tf
-
         prompts = _as_tf(self.tokenizer(x["prompts"]))
         responses = _as_tf(self.tokenizer(x["responses"]))
         scalar = prompts.shape.rank == 1
@@ -198,8 +196,6 @@ def _is_python_text(value):
 
 def _as_tf(ids):
     """Token ids as a tf tensor (KerasHub's Python workflow gives lists)."""
-    import tensorflow as tf
-
     if isinstance(ids, (tf.Tensor, tf.RaggedTensor)):
         return ids
     if hasattr(ids, "tolist"):

@@ -1,5 +1,7 @@
 """The Gemma chat format, and an interactive chat loop with streaming."""
 
+import sys
+
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 _ROLES = {"user": "user", "model": "model", "assistant": "model"}
@@ -137,8 +139,6 @@ def chat(lm, input_fn=input, output=None, max_new_tokens=256, system=None):
     Returns:
         The conversation, a list of messages.
     """
-    import sys
-
     output = output or sys.stdout
     check_tokenizer(lm.preprocessor.tokenizer)  # before the first turn
     messages = []

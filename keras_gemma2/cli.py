@@ -3,6 +3,7 @@
 import argparse
 import os
 import sys
+import warnings
 
 # Standard library only at import time, so that `--help` imports no backend.
 from keras_gemma2 import log_filter
@@ -273,6 +274,7 @@ def _select_backend(backend):
 
 
 def _generate(args):
+    # Imported once _select_backend has set KERAS_BACKEND (see main).
     import keras
 
     import keras_gemma2
@@ -297,6 +299,7 @@ def _generate(args):
 
 
 def _chat(args):
+    # Imported once _select_backend has set KERAS_BACKEND (see main).
     import keras
 
     import keras_gemma2
@@ -322,6 +325,7 @@ def _chat(args):
 
 
 def _finetune(args):
+    # Imported once _select_backend has set KERAS_BACKEND (see main).
     import keras
 
     import keras_gemma2
@@ -398,6 +402,7 @@ def _finetune(args):
 
 
 def _convert(args):
+    # Imported once _select_backend has set KERAS_BACKEND (see main).
     import keras
 
     import keras_gemma2
@@ -433,8 +438,7 @@ def _convert(args):
 
 
 def _rag_index(args):
-    import warnings
-
+    # Not at the top: `--help` imports the standard library only.
     from keras_gemma2 import rag
 
     with warnings.catch_warnings(record=True) as caught:
@@ -466,6 +470,7 @@ def _rag_index(args):
 
 
 def _rag_ask(args):
+    # Not at the top: `--help` imports the standard library only.
     from keras_gemma2 import rag
 
     answer = rag.ask(

@@ -141,6 +141,7 @@ def batches(
     [list(batch.numpy()) for batch in ds]
     ```
     """
+    # TensorFlow only for tf.data here; the rest of the module needs none
     import tensorflow as tf
 
     def arrays(data):

@@ -15,6 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_gemma2 import data
+
 
 class Gemma2Distiller(keras.Model):
     """Trains a student `Gemma2CausalLM` on a teacher's next-token distribution.
@@ -274,9 +276,8 @@ class Gemma2Distiller(keras.Model):
         resets the base class that Keras swaps for functional models, which
         breaks every `Gemma2CausalLM` made before.
         """
+        # TensorFlow only for the tf.data pipeline of in-memory inputs
         import tensorflow as tf
-
-        from keras_gemma2 import data
 
         if _is_tf_dataset(x):
             if y is not None or sample_weight is not None:
@@ -404,6 +405,7 @@ def token_kl(teacher_logits, student_logits, temperature=1.0):
 
 
 def _is_tf_dataset(x):
+    # TensorFlow may be absent: then `x` is no tf.data.Dataset
     try:
         import tensorflow as tf
     except ImportError:

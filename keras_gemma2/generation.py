@@ -15,6 +15,9 @@ import itertools
 import keras
 import numpy as np
 from keras import ops
+from keras_hub.samplers import Sampler
+
+from keras_gemma2.layers import direct
 
 # Prompt and total lengths round up to powers of two from this size ...
 _MIN_BUCKET = 16
@@ -64,9 +67,8 @@ def compile_function(model, fn, static_argnames=()):
 def _compile(model, fn, static_argnames):
     backend = keras.config.backend()
     if backend == "torch":
+        # torch.no_grad: PyTorch, an optional dependency, on its backend only.
         import torch
-
-        from keras_gemma2.layers import direct
 
         direct.torch_kernel_layout(model)
         compiled_gemv = direct.use_compiled_gemv(model)
@@ -77,6 +79,7 @@ def _compile(model, fn, static_argnames):
 
         return torch_function
     if backend == "tensorflow":
+        # tf.function: TensorFlow, imported on its backend only.
         import tensorflow as tf
 
         function = tf.function(
@@ -93,6 +96,7 @@ def _compile(model, fn, static_argnames):
             return fn(*args, **static)
 
         return eager_function
+    # jax.jit: JAX, imported on its backend only.
     import jax
 
     @functools.partial(jax.jit, static_argnames=tuple(static_argnames))
@@ -145,8 +149,6 @@ def picks_one_token_per_step(sampler):
     Beam and contrastive search override `Sampler.__call__` with their own
     loop; they run through KerasHub's loop and cannot stream.
     """
-    from keras_hub.samplers import Sampler
-
     return type(sampler).__call__ is Sampler.__call__
 
 

@@ -17,9 +17,13 @@ import json
 import numbers
 import os
 
+import keras
 import numpy as np
+from keras import ops
+from keras import random
 
 from keras_gemma2.convert import damaged
+from keras_gemma2.convert import to_peft
 
 # Our EinsumDense names inside each decoder block.
 ATTENTION_TARGETS = ("query", "key", "value", "attention_output")
@@ -69,8 +73,6 @@ def enable(
     )
     ```
     """
-    import keras
-
     targets = _check_targets(targets)
     check_rank(rank)
     if alpha is not None and (
@@ -131,8 +133,6 @@ def _add_dropout(layer):
     dropout pay for it and the class (and Keras' quantization of it) is
     untouched.
     """
-    from keras import ops
-    from keras import random
 
     def with_dropout(original):
         def call(inputs, training=None):
@@ -198,7 +198,7 @@ def save_adapters(backbone, path):
     keras_gemma2.lora.save_adapters(backbone, path)
     ```
     """
-    from keras import ops
+    # safetensors: only adapter files need it (see convert.damaged)
     from safetensors.numpy import save_file
 
     variables = adapter_variables(backbone)
@@ -253,6 +253,7 @@ def load_adapters(backbone, path):
     keras_gemma2.lora.load_adapters(base, path)
     ```
     """
+    # safetensors: only adapter files need it (see convert.damaged)
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -353,8 +354,6 @@ def merge(backbone):
 
 def unmerge(backbone):
     """Takes merged adapters back out of their kernels."""
-    from keras import ops
-
     layers = [
         layer
         for layer in getattr(backbone, "_lora_enabled_layers", [])
@@ -372,8 +371,6 @@ def unmerge(backbone):
 
 def export_peft(backbone, path, overwrite=False, base_model_name_or_path=None):
     """Writes the adapters as a PEFT folder; see `convert.to_peft`."""
-    from keras_gemma2.convert import to_peft
-
     return to_peft.export_peft(
         backbone,
         path,

@@ -46,10 +46,14 @@ merged = keras_gemma2.merging.warp(init, [policy_1, policy_2], eta=0.5)
 import os
 import shutil
 
+import h5py
 import keras
+import ml_dtypes
 import numpy as np
 
 from keras_gemma2 import atomic
+from keras_gemma2 import lora
+from keras_gemma2 import presets
 from keras_gemma2.convert import damaged
 
 # Config entries that are not the architecture.
@@ -444,8 +448,6 @@ class _ModelSource:
     kind = "model"
 
     def __init__(self, model, label):
-        from keras_gemma2 import lora
-
         self.label = label
         self.model = model
         self.backbone = getattr(model, "backbone", model)
@@ -490,10 +492,6 @@ class _PresetSource:
     kind = "preset"
 
     def __init__(self, preset, label):
-        import h5py
-
-        from keras_gemma2 import presets
-
         self.label = label
         if isinstance(preset, os.PathLike):
             preset = os.fspath(preset)
@@ -567,8 +565,6 @@ class _PresetSource:
 
 
 def _h5_dtype(dataset):
-    import ml_dtypes
-
     if dataset.attrs.get("dtype") == "bfloat16":
         return np.dtype(ml_dtypes.bfloat16)
     return dataset.dtype
@@ -709,8 +705,6 @@ def _empty_copy(model):
 
 
 def _merge_presets(sources, output, compute):
-    import h5py
-
     if output is None or not isinstance(output, (str, os.PathLike)):
         raise ValueError(
             "Merging presets writes a preset folder: pass `output=` a "
@@ -722,8 +716,6 @@ def _merge_presets(sources, output, compute):
             f"`output` {output!r} is one of the inputs, which are read while "
             "the result is written: choose another folder."
         )
-    from keras_gemma2 import presets
-
     presets.check_preset_target(output)
     base = sources[0]
     with atomic.staged_folder(output, "merging") as staging:

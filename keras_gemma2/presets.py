@@ -1,11 +1,17 @@
 """The preset registry: name -> metadata and handle, and name resolution."""
 
 import difflib
+import json
 import os
 import pathlib
 
+from keras_hub.models import Backbone
+from keras_hub.models import CausalLM
+
 from keras_gemma2 import atomic
+from keras_gemma2 import quantization
 from keras_gemma2.convert import damaged
+from keras_gemma2.convert import loader
 
 _KAGGLE = "kaggle://keras/gemma2/keras"
 
@@ -139,8 +145,6 @@ class RegisteredPresetsMixin:
         tokenizer = keras_gemma2.Gemma2Tokenizer.from_preset("gemma2_tiny_en")
         ```
         """
-        from keras_gemma2.convert import loader
-
         preset, kwargs = resolve(preset, kwargs)
         quantize = kwargs.get("quantize")
         if quantize is not None:
@@ -229,25 +233,18 @@ def registered_presets():
     tiny = presets["gemma2_tiny_en"]
     metadata_path = pathlib.Path(tiny["kaggle_handle"]) / "metadata.json"
     if metadata_path.exists():
-        import json
-
         params = json.loads(metadata_path.read_text()).get("parameter_count")
         tiny["metadata"] = {**tiny["metadata"], "params": params}
     return presets
 
 
 def _check_quantize(cls, mode):
-    from keras_hub.models import Backbone
-    from keras_hub.models import CausalLM
-
-    from keras_gemma2.backbone import check_quantization_mode
-
     if not issubclass(cls, (Backbone, CausalLM)):
         raise ValueError(
             f"`quantize` applies to models, not to {cls.__name__}: pass it "
             "to Gemma2CausalLM.from_preset or Gemma2Backbone.from_preset."
         )
-    check_quantization_mode(mode)
+    quantization.check_quantization_mode(mode)
 
 
 def resolve(preset, kwargs):

@@ -3,12 +3,14 @@
 import os
 
 import keras
+import sentencepiece
 from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.chat import END_OF_TURN
 from keras_gemma2.chat import START_OF_TURN
+from keras_gemma2.convert import damaged
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -119,10 +121,6 @@ def _check_sentencepiece(proto, source):
     TensorFlow's op would raise an `InternalError` from inside the graph;
     the `sentencepiece` package (a dependency) parses the same bytes first.
     """
-    import sentencepiece
-
-    from keras_gemma2.convert import damaged
-
     what = "a SentencePiece model"
     if isinstance(proto, (str, os.PathLike)):
         with damaged.reading(proto, what, damaged.COPY_FIX):

@@ -9,7 +9,7 @@ import pytest
 
 import keras_gemma2
 from keras_gemma2.architectures import ARCHITECTURES
-from keras_gemma2.architectures import abstract_parameter_count
+from keras_gemma2.memory import abstract_parameter_count
 from tests import references
 from tests.harness import TestCase
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import keras_gemma2
-from keras_gemma2 import architectures
 from keras_gemma2 import atomic  # noqa: F401 (keras_gemma2.atomic below)
 from keras_gemma2 import distribution
 from keras_gemma2 import generation
+from keras_gemma2 import memory
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2 import rag
 from keras_gemma2.convert import to_peft
@@ -33,7 +33,7 @@ PUBLIC = [
     keras_gemma2.Gemma2RMSNormalization,
     keras_gemma2.layers.Gemma2Embedding,
     keras_gemma2.layers.Gemma2EinsumDense,
-    architectures.abstract_parameter_count,
+    memory.abstract_parameter_count,
     keras_gemma2.Gemma2Backbone.get_layout_map,
     distribution.get_layout_map,
     distribution.Gemma2LayoutMap,

@@ -99,9 +99,9 @@ class DamagedFileError(ValueError):
 
 def _library_errors():
     """READ_ERRORS, plus safetensors' own error type where installed."""
-    try:
+    try:  # optional: only the adapter files need it
         from safetensors import SafetensorError
-    except ImportError:  # optional: only the adapter files need it
+    except ImportError:
         return READ_ERRORS
     return READ_ERRORS + (SafetensorError,)
 

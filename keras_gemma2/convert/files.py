@@ -2,6 +2,8 @@
 
 import os
 
+from keras_hub.src.utils.preset_utils import get_file
+
 from keras_gemma2.convert import damaged
 
 
@@ -42,8 +44,6 @@ class PresetFiles:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path} does not exist.")
             return path
-        from keras_hub.src.utils.preset_utils import get_file
-
         try:
             return get_file(self.preset, name)
         except Exception as error:  # network, auth and license errors

@@ -2,6 +2,7 @@
 
 import os
 
+import ml_dtypes
 import numpy as np
 
 from keras_gemma2.convert import damaged
@@ -109,8 +110,6 @@ def _numpy_dtype(code, key, path):
     if code not in _DTYPES:
         raise ValueError(f"{path}: tensor {key} has unsupported dtype {code}.")
     if code == "BF16":
-        import ml_dtypes
-
         return ml_dtypes.bfloat16
     return _DTYPES[code]
 

@@ -5,8 +5,13 @@ import gc
 
 import keras
 import numpy as np
+from keras_hub.models import Backbone
+from keras_hub.models import CausalLM
+from keras_hub.models import Preprocessor
+from keras_hub.tokenizers import Tokenizer
 
 from keras_gemma2 import deferred
+from keras_gemma2 import quantization
 from keras_gemma2.convert import damaged
 from keras_gemma2.convert import from_huggingface
 from keras_gemma2.convert import from_keras_hub
@@ -51,14 +56,12 @@ def detect_format(files):
 def load_foreign(cls, preset, kwargs, progress=None):
     """Loads `cls` from a KerasHub or HF preset; `None` for our own format.
 
-    `progress`, if given, is called as `progress(done, total)` after each
-    tensor (the CLI draws a progress bar with it).
+    The models are built through `cls` and the classes it names
+    (`backbone_cls`, `preprocessor_cls`, `tokenizer_cls`), so this module
+    imports none of them. `progress`, if given, is called as
+    `progress(done, total)` after each tensor (the CLI draws a progress bar
+    with it).
     """
-    from keras_hub.models import Backbone
-    from keras_hub.models import CausalLM
-    from keras_hub.models import Preprocessor
-    from keras_hub.tokenizers import Tokenizer
-
     files = PresetFiles(preset)
     fmt, config = detect_format(files)
     kwargs = dict(kwargs)
@@ -71,20 +74,27 @@ def load_foreign(cls, preset, kwargs, progress=None):
     quantize = kwargs.pop("quantize", None)
     if issubclass(cls, Backbone):
         return load_backbone(
-            files, fmt, config, dtype, load_weights, progress, quantize
+            cls, files, fmt, config, dtype, load_weights, progress, quantize
         )
     if issubclass(cls, Tokenizer):
-        return load_tokenizer(files, fmt)
+        return load_tokenizer(cls, files, fmt)
     if issubclass(cls, Preprocessor):
-        return load_preprocessor(files, fmt, **kwargs)
+        return load_preprocessor(cls, files, fmt, **kwargs)
     if issubclass(cls, CausalLM):
         backbone = load_backbone(
-            files, fmt, config, dtype, load_weights, progress, quantize
+            cls.backbone_cls,
+            files,
+            fmt,
+            config,
+            dtype,
+            load_weights,
+            progress,
+            quantize,
         )
         if "preprocessor" in kwargs:
             preprocessor = kwargs.pop("preprocessor")
         else:
-            preprocessor = load_preprocessor(files, fmt)
+            preprocessor = load_preprocessor(cls.preprocessor_cls, files, fmt)
         return cls(backbone=backbone, preprocessor=preprocessor, **kwargs)
     raise TypeError(f"{cls.__name__} cannot be loaded from a {fmt} preset.")
 
@@ -131,6 +141,7 @@ def check_own_preset(files, weights=True):
 
 
 def load_backbone(
+    backbone_cls,
     files,
     fmt,
     config,
@@ -139,16 +150,14 @@ def load_backbone(
     progress=None,
     quantize=None,
 ):
-    """A `Gemma2Backbone` with the preset's weights, checked before loading.
+    """A `backbone_cls` (`Gemma2Backbone`) with the preset's weights, checked
+    before loading.
 
     Tensors go one at a time from the files into the model's variables, so
     peak memory stays near the size of the finished model. With `quantize`
     (`"int8"`, `"int4"`), each matrix is quantized as soon as it is filled:
     peak memory is the quantized model plus one float matrix.
     """
-    from keras_gemma2 import backbone as backbone_lib
-    from keras_gemma2.backbone import Gemma2Backbone
-
     if fmt == HUGGING_FACE:
         kwargs, specs, source = from_huggingface.plan(files, config)
         read = from_huggingface.read_weight
@@ -161,7 +170,7 @@ def load_backbone(
         # Built with deferred variables, each filled straight from the file:
         # no random initialisation is allocated beside the loaded weights.
         with deferred.deferred_variables() as created:
-            backbone = Gemma2Backbone(**kwargs, dtype=dtype)
+            backbone = backbone_cls(**kwargs, dtype=dtype)
         by_path = {spec.path: spec for spec in specs}
         missing = {v.path for v in backbone.weights} - set(by_path)
         assert not missing, f"no source for {sorted(missing)}"
@@ -170,7 +179,7 @@ def load_backbone(
         to_quantize = {}
         if quantize:
             for layer in backbone._flatten_layers():
-                if backbone_lib.quantizable(layer):
+                if quantization.quantizable(layer):
                     (variable,) = layer.weights
                     to_quantize[id(variable)] = layer
         # Taken off the list as they are filled: a quantized layer's float
@@ -199,7 +208,7 @@ def load_backbone(
                 # a big process); here one runs per 256 MiB dropped, which
                 # bounds memory at a few collections.
                 uncollected += int(np.prod(variable.shape)) * 4
-                with backbone_lib.few_collections(collect_at_end=False):
+                with quantization.few_collections(collect_at_end=False):
                     if isinstance(quantize, str):
                         layer.quantize(quantize)
                     else:  # a keras.quantizers.QuantizationConfig
@@ -234,28 +243,26 @@ def has_tokenizer(preset):
     return files.exists(_TOKENIZER_FILES[fmt])
 
 
-def load_tokenizer(files, fmt):
-    from keras_gemma2.tokenizer import Gemma2Tokenizer
-
+def load_tokenizer(tokenizer_cls, files, fmt):
+    """A `tokenizer_cls` (`Gemma2Tokenizer`) on the preset's vocabulary."""
     name = _TOKENIZER_FILES[fmt]
     if not files.exists(name):
         raise FileNotFoundError(
             f"{files.preset} has no {name}, so its tokenizer cannot be "
             "loaded. Pass `preprocessor=None` to load the model alone."
         )
-    return Gemma2Tokenizer(proto=files.path(name))
+    return tokenizer_cls(proto=files.path(name))
 
 
-def load_preprocessor(files, fmt, sequence_length=None):
-    from keras_gemma2.causal_lm_preprocessor import Gemma2CausalLMPreprocessor
-
+def load_preprocessor(preprocessor_cls, files, fmt, sequence_length=None):
+    """A `preprocessor_cls` (`Gemma2CausalLMPreprocessor`) around its
+    `tokenizer_cls` on the preset's vocabulary."""
     if sequence_length is None and fmt == KERAS_HUB:
         if files.exists("preprocessor.json"):
             config = files.json("preprocessor.json").get("config", {})
             sequence_length = config.get("sequence_length")
-    return Gemma2CausalLMPreprocessor(
-        load_tokenizer(files, fmt), sequence_length=sequence_length or 1024
-    )
+    tokenizer = load_tokenizer(preprocessor_cls.tokenizer_cls, files, fmt)
+    return preprocessor_cls(tokenizer, sequence_length=sequence_length or 1024)
 
 
 def _keras_dtype_name(dtype):

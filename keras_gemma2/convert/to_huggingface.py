@@ -11,6 +11,7 @@ layouts come from `names.py`, the one table of them.
 import json
 import os
 
+import ml_dtypes
 import numpy as np
 from keras import ops
 
@@ -190,8 +191,6 @@ def _merged_lora_kernels(backbone):
 
 def _cast(array, dtype):
     if dtype == "bfloat16":
-        import ml_dtypes
-
         return array.astype(ml_dtypes.bfloat16)
     return array.astype(np.float32)
 
@@ -200,7 +199,8 @@ def _write_weights(filename, tensors):
     # safetensors.numpy maps a numpy dtype by its name, and ml_dtypes'
     # bfloat16 is named "bfloat16", which safetensors (0.8 here) writes as
     # BF16: bf16 weights stay bf16 on disk without torch. One file; no
-    # `lm_head.weight` (tied embeddings).
+    # `lm_head.weight` (tied embeddings). Imported here: safetensors is
+    # needed only to write the files (see convert.damaged).
     from safetensors.numpy import save_file
 
     save_file(tensors, filename, metadata={"format": "pt"})

@@ -236,6 +236,7 @@ def _all_modules(backbone):
 
 
 def _write_weights(filename, tensors, mode):
+    # safetensors: only the adapter files need it (see convert.damaged)
     from safetensors.numpy import save_file
 
     save_file(tensors, filename, metadata={"format": "pt"})

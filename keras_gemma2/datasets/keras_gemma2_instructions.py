@@ -4,6 +4,8 @@ import json
 
 import tensorflow_datasets as tfds
 
+from keras_gemma2.datasets import instructions_path
+
 
 class KerasGemma2Instructions(tfds.core.GeneratorBasedBuilder):
     """A glossary of made-up words as prompt/response pairs.
@@ -32,8 +34,6 @@ class KerasGemma2Instructions(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         # The files ship with the package: nothing is downloaded.
-        from keras_gemma2.datasets import instructions_path
-
         return {
             split: self._generate_examples(instructions_path(split))
             for split in ("train", "test")

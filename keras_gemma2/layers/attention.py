@@ -382,6 +382,7 @@ def _write_slot(cache, update, slot):
     Keras' `slice_update` clones the whole cache on torch, every step.
     """
     if keras.config.backend() == "torch":
+        # torch: an optional dependency, imported on its backend only
         import torch
 
         if not torch.is_grad_enabled():

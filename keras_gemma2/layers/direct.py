@@ -37,6 +37,8 @@ import functools
 import os
 import threading
 
+import keras
+
 _state = threading.local()
 
 # Rows (batch x new tokens) up to which the compiled GEMV beats `F.linear`,
@@ -137,8 +139,6 @@ def _dense_spec(layer):
     when the equation is not `batch + contracted, kernel -> batch + out` or
     the layer has a bias or LoRA (those keep Keras' own call).
     """
-    import keras
-
     if not isinstance(layer, keras.layers.EinsumDense):
         return None
     if layer.bias is not None or getattr(layer, "lora_enabled", False):
@@ -216,6 +216,7 @@ def _torch_product(layer, args, kwargs):
 
 def _logits(embedding, x):
     """Tied logits `x @ table.T`, soft-capped as `ReversibleEmbedding` does."""
+    # torch: an optional dependency, used on the PyTorch backend only
     import torch
 
     if not embedding.tie_weights or embedding.reverse_dtype is not None:
@@ -237,6 +238,7 @@ def _logits(embedding, x):
 def _linear(x, weight, scale=None):
     """`x @ weight.T` for `x` `[rows, in]` and `weight` `[out, in]`; an int8
     `weight` stands for `weight / scale` (`scale` `[out]`)."""
+    # torch: an optional dependency, used on the PyTorch backend only
     import torch
 
     if getattr(_state, "gemv", False) and x.shape[0] <= _GEMV_ROWS.get(
@@ -274,6 +276,7 @@ def _compiled_gemv(scaled=False):
     CPU kernel: 0.39x the float32 speed) or, weight-only, dequantizes the
     whole kernel first.
     """
+    # torch: an optional dependency, used on the PyTorch backend only
     import torch
 
     def gemv(x, weight, scale=None):
@@ -290,6 +293,7 @@ def _raise_recompile_limit():
     """One compile per matrix shape (and row count): a model has a dozen,
     past Dynamo's default limit of 8 per function (beyond which it warns
     and runs eagerly)."""
+    # torch: an optional dependency, used on the PyTorch backend only
     import torch._dynamo
 
     config = torch._dynamo.config
@@ -297,8 +301,6 @@ def _raise_recompile_limit():
 
 
 def _is_torch():
-    import keras
-
     return keras.config.backend() == "torch"
 
 
@@ -313,6 +315,7 @@ def torch_kernel_layout(model):
     """
     if not _is_torch():
         return
+    # torch: an optional dependency, used on the PyTorch backend only
     import torch
 
     layers = list(model._flatten_layers(include_self=True))

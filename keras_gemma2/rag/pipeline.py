@@ -4,6 +4,7 @@ import dataclasses
 import os
 import re
 
+import keras_gemma2
 from keras_gemma2.rag import database
 from keras_gemma2.rag import embeddings
 from keras_gemma2.rag import store
@@ -187,8 +188,6 @@ def ask(
     assert answer.sources[0].text in answer.prompt
     ```
     """
-    import keras_gemma2
-
     hits = retrieve(question, db, k=k, embedding=embedding)
     if lm is None or isinstance(lm, (str, os.PathLike)):
         name = os.fspath(lm or DEFAULT_PRESET)

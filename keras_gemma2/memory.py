@@ -5,7 +5,7 @@ this module imports the backbone; `architectures` holds the sizes only.
 The tables are in the README (`device_table`, `kv_cache_table`).
 """
 
-import json
+import functools
 import math
 
 from keras_gemma2 import deferred
@@ -13,9 +13,6 @@ from keras_gemma2.architectures import ARCHITECTURES
 from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.layers.attention_masks import attention_layer_types
 from keras_gemma2.sharding import layout_sizes
-
-# Backbone kwargs as JSON -> their parameter count.
-_PARAMETER_COUNTS = {}
 
 
 def abstract_parameter_count(kwargs):
@@ -34,17 +31,25 @@ def abstract_parameter_count(kwargs):
     abstract_parameter_count(GEMMA2_9B)  # 9241705984
     ```
     """
-    # Memoized: an abstract build of the 27B takes seconds, and
+    # Cached: an abstract build of the 27B takes seconds, and
     # `device_table` asks for each size eight times.
-    key = json.dumps(kwargs, sort_keys=True, default=repr)
-    if key not in _PARAMETER_COUNTS:
-        # The variables stay deferred and are dropped: nothing is allocated.
-        with deferred.deferred_variables():
-            backbone = Gemma2Backbone(**kwargs)
-        _PARAMETER_COUNTS[key] = sum(
-            math.prod(w.shape) for w in backbone.weights
-        )
-    return _PARAMETER_COUNTS[key]
+    items = tuple(sorted(kwargs.items()))
+    try:
+        return _cached_parameter_count(items)
+    except TypeError:  # an unhashable argument (a list): counted uncached
+        return _parameter_count(kwargs)
+
+
+@functools.cache
+def _cached_parameter_count(items):
+    return _parameter_count(dict(items))
+
+
+def _parameter_count(kwargs):
+    # The variables stay deferred and are dropped: nothing is allocated.
+    with deferred.deferred_variables():
+        backbone = Gemma2Backbone(**kwargs)
+    return sum(math.prod(w.shape) for w in backbone.weights)
 
 
 _BYTES = {"bfloat16": 2, "float32": 4}

@@ -1,5 +1,6 @@
 """The preset registry: name -> metadata and handle, and name resolution."""
 
+import contextvars
 import difflib
 import json
 import os
@@ -80,8 +81,9 @@ PRESETS = {
 }
 
 
-# Folders being saved by an outer `save_to_preset` call.
-_SAVING = []
+# The folder an outer `save_to_preset` call is staging, if any (a task
+# saves its backbone and preprocessor through the same method).
+_SAVING = contextvars.ContextVar("keras_gemma2_saving", default=None)
 
 
 class classproperty(property):
@@ -189,7 +191,7 @@ class RegisteredPresetsMixin:
         lm.save_to_preset(tempfile.mkdtemp() + "/my_preset")
         ```
         """
-        if _SAVING:
+        if _SAVING.get() is not None:
             # A task saves its backbone and preprocessor into its own
             # staging folder: only the outermost save stages and renames.
             return super().save_to_preset(preset_dir, **kwargs)
@@ -206,12 +208,12 @@ class RegisteredPresetsMixin:
                 "save the adapters with `keras_gemma2.lora.save_adapters`)."
             )
         check_preset_target(preset_dir)
-        _SAVING.append(preset_dir)
+        token = _SAVING.set(preset_dir)
         try:
             with atomic.staged_folder(preset_dir, "saving") as staging:
                 super().save_to_preset(staging, **kwargs)
         finally:
-            _SAVING.pop()
+            _SAVING.reset(token)
 
 
 def check_preset_target(path):

@@ -1,5 +1,6 @@
 """Gemma2Backbone: token embedding -> decoder blocks -> final RMSNorm."""
 
+import gc
 import os
 
 import keras
@@ -16,7 +17,6 @@ from keras_gemma2.layers.attention_masks import attention_layer_types
 from keras_gemma2.layers.decoder_block import Gemma2DecoderBlock
 from keras_gemma2.layers.embedding import Gemma2Embedding
 from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
-from keras_gemma2.quantization import few_collections
 from keras_gemma2.quantization import quantizable
 
 
@@ -278,12 +278,10 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
 
         For inference on PyTorch, pass `config=keras.quantizers.
         Int8QuantizationConfig(activation_quantizer=None)`: weight-only
-        int8, which `layers.direct` decodes with an int8 GEMV (Keras'
-        default int8 runs an int8 x int8 `torch.einsum`, which has no CPU
-        kernel). It is not the default because Keras 3.15's weight-only
-        backward on torch adjusts the kernel scale twice
-        (`EinsumDense._int8_call` rebinds `kernel_scale` before its
-        `grad_fn` reads it), so LoRA on it fails.
+        int8, which `layers.direct` decodes with an int8 GEMV that reads
+        one byte a weight. The default int8 (Keras' own, weights and
+        activations) runs its products through `torch._int_mm` there
+        (`layers.einsum_dense`). Both train with LoRA.
 
         Example:
         ```python
@@ -297,13 +295,15 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
                 "overflow there); load it in float32 or bfloat16 first."
             )
 
-        with few_collections():
-            super().quantize(
-                mode,
-                config=config,
-                filters=lambda layer: quantizable(layer, filters),
-                **kwargs,
-            )
+        super().quantize(
+            mode,
+            config=config,
+            filters=lambda layer: quantizable(layer, filters),
+            **kwargs,
+        )
+        # One collection for all the float matrices dropped: our layers skip
+        # Keras' one per matrix (`einsum_dense.DeletesWithoutCollecting`).
+        gc.collect()
         direct.torch_kernel_layout(self)
 
     @staticmethod

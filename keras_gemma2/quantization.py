@@ -4,8 +4,6 @@ Shared by `Gemma2Backbone.quantize`, the `quantize=` argument of
 `from_preset` and quantizing while loading (`convert.loader`).
 """
 
-import contextlib
-import gc
 import re
 
 import keras
@@ -38,22 +36,3 @@ def check_quantization_mode(mode):
             f"`quantize` must be one of {QUANTIZATION_MODES} or a Keras "
             f"QuantizationConfig of one. Received: quantize={mode!r}"
         )
-
-
-@contextlib.contextmanager
-def few_collections(collect_at_end=True):
-    """One `gc.collect()` at the end instead of one per quantized layer.
-
-    Keras runs a full `gc.collect()` for every float kernel it drops
-    (`Layer.__delattr__`): 43 of them took 10 s for the tiny preset in a
-    test process, and a 27B has 322 matrices. One collection at the end
-    frees the same memory (`collect_at_end=False` leaves it to the caller).
-    """
-    collect = gc.collect
-    gc.collect = lambda *args, **kwargs: 0
-    try:
-        yield
-    finally:
-        gc.collect = collect
-    if collect_at_end:
-        gc.collect()

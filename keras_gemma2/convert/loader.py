@@ -205,14 +205,13 @@ def load_backbone(
             if layer is not None:
                 # A reference cycle holds each dropped float matrix until a
                 # `gc.collect()`. Keras runs one per layer (seconds each in
-                # a big process); here one runs per 256 MiB dropped, which
-                # bounds memory at a few collections.
+                # a big process; our layers skip it); here one runs per 256
+                # MiB dropped, which bounds memory at a few collections.
                 uncollected += int(np.prod(variable.shape)) * 4
-                with quantization.few_collections(collect_at_end=False):
-                    if isinstance(quantize, str):
-                        layer.quantize(quantize)
-                    else:  # a keras.quantizers.QuantizationConfig
-                        layer.quantize(quantize.mode, config=quantize)
+                if isinstance(quantize, str):
+                    layer.quantize(quantize)
+                else:  # a keras.quantizers.QuantizationConfig
+                    layer.quantize(quantize.mode, config=quantize)
                 direct.drop_torch_params([layer])
                 if uncollected >= _COLLECT_EVERY:
                     gc.collect()

@@ -4,11 +4,12 @@ import keras
 from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 
+from keras_gemma2.layers.einsum_dense import DeletesWithoutCollecting
 from keras_gemma2.layers.einsum_dense import int8_matmul
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
-class Gemma2Embedding(ReversibleEmbedding):
+class Gemma2Embedding(DeletesWithoutCollecting, ReversibleEmbedding):
     """KerasHub's `ReversibleEmbedding` with Gemma's input scale.
 
     Forward: `embeddings[ids] * sqrt(output_dim)`, the normalizer cast to the

@@ -510,19 +510,19 @@ def run_worker(spec):
     @contextlib.contextmanager
     def loading():
         """Times the load; RSS before (runtime started), after and peak."""
-        result["rss_before_load_mib"] = generate_bench._rss_now_mib()
+        result["rss_before_load_mib"] = _common.rss_now_mib()
         started = time.perf_counter()
         yield
         result["load_s"] = time.perf_counter() - started
-        result["rss_after_load_mib"] = generate_bench._rss_now_mib()
-        result["peak_rss_load_mib"] = generate_bench._peak_rss_mib()
+        result["rss_after_load_mib"] = _common.rss_now_mib()
+        result["peak_rss_load_mib"] = _common.peak_rss_mib()
 
     model = LOADERS[library](spec, token_ids, loading)
     generate, new = model.pop("generate"), spec["new"]
     logits = model.pop("logits")
     result.update(model)
     check = {"batch": 1, "prompt": spec["prompt"]}
-    timed = generate_bench._timed
+    timed = _common.timed
 
     result["first_call_s"], (ids, mask) = timed(generate, new)
     generate_bench._check(check, new, ids, mask)
@@ -537,10 +537,10 @@ def run_worker(spec):
         tn = min(timed(generate, new)[0] for _ in range(spec["repeats"]))
         result["generate_s"] = tn
         result["decode_tok_s"] = (new - 1) / (tn - t1) if tn > t1 else None
-    result["peak_rss_mib"] = generate_bench._peak_rss_mib()
+    result["peak_rss_mib"] = _common.peak_rss_mib()
     last = np.asarray(logits(), "float32").reshape(-1)
     np.save(spec["logits_path"], last)
-    result["peak_rss_with_logits_mib"] = generate_bench._peak_rss_mib()
+    result["peak_rss_with_logits_mib"] = _common.peak_rss_mib()
     return result
 
 
@@ -821,12 +821,12 @@ def main():
     )
     parser.add_argument(
         "--backends",
-        type=lambda s: generate_bench._names(s, BACKENDS),
+        type=lambda s: _common.names(s, BACKENDS),
         default=list(BACKENDS),
     )
     parser.add_argument(
         "--libraries",
-        type=lambda s: generate_bench._names(s, LIBRARIES),
+        type=lambda s: _common.names(s, LIBRARIES),
         default=list(LIBRARIES),
     )
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")

@@ -35,9 +35,10 @@ def abstract_parameter_count(kwargs):
     # `device_table` asks for each size eight times.
     items = tuple(sorted(kwargs.items()))
     try:
-        return _cached_parameter_count(items)
+        hash(items)
     except TypeError:  # an unhashable argument (a list): counted uncached
         return _parameter_count(kwargs)
+    return _cached_parameter_count(items)
 
 
 @functools.cache

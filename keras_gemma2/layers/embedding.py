@@ -66,7 +66,7 @@ class Gemma2Embedding(DeletesWithoutCollecting, ReversibleEmbedding):
 
         @ops.custom_gradient
         def logits_with_gradient(x, table, scale):
-            logits = forward(x, reverse=True)
+            logits = forward(x)
 
             def grad_fn(*args, upstream=None):
                 if upstream is None:
@@ -87,7 +87,7 @@ class Gemma2Embedding(DeletesWithoutCollecting, ReversibleEmbedding):
             ops.convert_to_tensor(self.embeddings_scale),
         )
 
-    def _int8_reverse(self, inputs, reverse=True):
+    def _int8_reverse(self, inputs):
         """Keras' int8 reverse pass; on PyTorch its int8 matmul runs through
         `torch._int_mm` (see `layers.einsum_dense`: Keras casts both to
         int32 there, which has no CPU kernel), with the same int32 sums."""

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/generate.py [--backends jax,tensorflow,torch]
         [--configs small,long,prefill-8k] [--batches 1,4]
-        [--libraries ours,keras_hub,transformers]
+        [--libraries ours,ours-compiled,keras_hub,transformers]
         [--dtypes float32,bfloat16,int8] [--repeats 2] [--quick]
         [--json OUT.json] [--write-readme README.md] [--threads N]
         [--timeout SECONDS]
@@ -150,7 +150,10 @@ QUICK_CONFIGS = {
     "prefill-8k": (256, 1, (1,), True),
 }
 BACKENDS = ("jax", "tensorflow", "torch")
-LIBRARIES = ("ours", "keras_hub", "transformers")
+LIBRARIES = ("ours", "ours-compiled", "keras_hub", "transformers")
+# Ours on PyTorch with `compile(jit_compile=True)`: the torch.compile'd
+# decode step (JAX and TensorFlow always compile).
+COMPILED = "ours (torch.compile)"
 DTYPES = ("float32", "bfloat16", "int8")
 VERSION_PACKAGES = (
     "keras",
@@ -587,6 +590,8 @@ def _plan(args):
                         if backend == "tensorflow" and library == "keras_hub":
                             label = "keras_hub (no XLA)"
                             runs.append(run + (label, library, backend, False))
+                    if backend == "torch" and "ours-compiled" in args.libraries:
+                        runs.append(run + (COMPILED, "ours", backend, True))
                 # transformers: no CPU int8 without extra libraries.
                 hf = "transformers"
                 if hf not in args.libraries or prefill_only:
@@ -799,6 +804,20 @@ def ratio_lines(report):
         if config == "prefill-8k":
             continue
         name = f"{config} b{batch} {dtype}"
+        compiled = _find(results, library=COMPILED, **where)
+        theirs = _find(results, library=hf, **where)
+        add(
+            f"{name} torch: decode {COMPILED} / {hf}",
+            _ratio(compiled, theirs, "decode_tok_s"),
+        )
+        add(
+            f"{name} torch: prefill {COMPILED} / {hf}",
+            _ratio(compiled, theirs, "prefill_tok_s"),
+        )
+        add(
+            f"{name} torch: first call {COMPILED} / {hf}",
+            _ratio(compiled, theirs, "first_call_s"),
+        )
         for backend in backends:
             ours = _find(results, library="ours", backend=backend, **where)
             for peer in ("keras_hub", "keras_hub (no XLA)"):
@@ -961,7 +980,9 @@ def main():
     parser.add_argument(
         "--libraries",
         type=lambda s: _names(s, LIBRARIES),
-        default=list(LIBRARIES),
+        default=["ours", "keras_hub", "transformers"],
+        help="comma list of ours, ours-compiled (PyTorch only: "
+        "compile(jit_compile=True)), keras_hub, transformers",
     )
     parser.add_argument(
         "--dtypes",

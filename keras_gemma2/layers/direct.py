@@ -285,11 +285,11 @@ def _compiled_gemv(scaled=False):
             sums = sums / scale.float()
         return sums.to(x.dtype)
 
-    _raise_recompile_limit()
+    raise_recompile_limit()
     return torch.compile(gemv, dynamic=False)
 
 
-def _raise_recompile_limit():
+def raise_recompile_limit():
     """One compile per matrix shape (and row count): a model has a dozen,
     past Dynamo's default limit of 8 per function (beyond which it warns
     and runs eagerly)."""

@@ -2,8 +2,9 @@
 
 import sys
 
-START_OF_TURN = "<start_of_turn>"
-END_OF_TURN = "<end_of_turn>"
+from keras_gemma2.special_tokens import END_OF_TURN
+from keras_gemma2.special_tokens import START_OF_TURN
+
 _ROLES = {"user": "user", "model": "model", "assistant": "model"}
 
 

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from keras_gemma2 import chat
+from keras_gemma2 import special_tokens
 
 PROMPT_KEY = "prompt"
 RESPONSE_KEY = "response"
@@ -113,7 +114,9 @@ def as_chat(data, tokenizer=None):
         chat.format_chat([{"role": "user", "content": p}])
         for p in data["prompts"]
     ]
-    responses = [r.strip() + chat.END_OF_TURN for r in data["responses"]]
+    responses = [
+        r.strip() + special_tokens.END_OF_TURN for r in data["responses"]
+    ]
     return {"prompts": prompts, "responses": responses}
 
 

@@ -8,9 +8,12 @@ from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2.backbone import Gemma2Backbone
-from keras_gemma2.chat import END_OF_TURN
-from keras_gemma2.chat import START_OF_TURN
 from keras_gemma2.convert import damaged
+from keras_gemma2.special_tokens import BOS
+from keras_gemma2.special_tokens import END_OF_TURN
+from keras_gemma2.special_tokens import EOS
+from keras_gemma2.special_tokens import PAD
+from keras_gemma2.special_tokens import START_OF_TURN
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -46,9 +49,9 @@ class Gemma2Tokenizer(
 
     def __init__(self, proto, **kwargs):
         # Required: KerasHub's special tokens, checked once a vocabulary is set.
-        self._add_special_token("<bos>", "start_token")
-        self._add_special_token("<eos>", "end_token")
-        self._add_special_token("<pad>", "pad_token")
+        self._add_special_token(BOS, "start_token")
+        self._add_special_token(EOS, "end_token")
+        self._add_special_token(PAD, "pad_token")
         # Optional: only instruction-tuned vocabularies need them.
         self.start_of_turn_token = START_OF_TURN
         self.end_of_turn_token = END_OF_TURN

@@ -52,3 +52,25 @@ GEMMA2_27B = {
 }
 
 ARCHITECTURES = {"2b": GEMMA2_2B, "9b": GEMMA2_9B, "27b": GEMMA2_27B}
+
+
+def axis_sizes(kwargs):
+    """The sizes behind the axis letters of the layout legend, for
+    `Gemma2Backbone` kwargs: `v` vocabulary, `d` hidden, `n` query heads,
+    `k` key/value heads, `h` head size, `f` FFN width, and the flattened
+    `nh` and `kh` of the Hugging Face projections.
+
+    Example:
+    >>> axis_sizes(GEMMA2_2B)["nh"]
+    2048
+    """
+    return {
+        "v": kwargs["vocabulary_size"],
+        "d": kwargs["hidden_dim"],
+        "n": kwargs["num_query_heads"],
+        "k": kwargs["num_key_value_heads"],
+        "h": kwargs["head_dim"],
+        "f": kwargs["intermediate_dim"],
+        "nh": kwargs["num_query_heads"] * kwargs["head_dim"],
+        "kh": kwargs["num_key_value_heads"] * kwargs["head_dim"],
+    }

@@ -14,6 +14,7 @@ from keras_gemma2 import sharding
 from keras_gemma2.layers import direct
 from keras_gemma2.layers.attention import check_head_counts
 from keras_gemma2.layers.attention_masks import attention_layer_types
+from keras_gemma2.layers.attention_masks import cache_capacity
 from keras_gemma2.layers.decoder_block import Gemma2DecoderBlock
 from keras_gemma2.layers.embedding import Gemma2Embedding
 from keras_gemma2.layers.rms_normalization import Gemma2RMSNormalization
@@ -234,7 +235,7 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
         ```
         """
         return tuple(
-            min(block.window_size or max_length, max_length)
+            cache_capacity(block.window_size, max_length)
             for block in self.transformer_layers
         )
 

@@ -10,9 +10,10 @@ import math
 
 from keras_gemma2 import deferred
 from keras_gemma2.architectures import ARCHITECTURES
+from keras_gemma2.architectures import axis_sizes
 from keras_gemma2.backbone import Gemma2Backbone
-from keras_gemma2.layers.attention_masks import attention_layer_types
-from keras_gemma2.sharding import layout_sizes
+from keras_gemma2.layers.attention_masks import cache_capacity
+from keras_gemma2.layers.attention_masks import layer_windows
 
 
 def abstract_parameter_count(kwargs):
@@ -79,17 +80,15 @@ def kv_cache_bytes(
                                                      ring=False)  # 0.75
     ```
     """
-    sizes = layout_sizes(architecture)
-    window = architecture.get("sliding_window_size", 4096)
-    types = attention_layer_types(
+    sizes = axis_sizes(architecture)
+    windows = layer_windows(
         architecture["num_layers"],
         architecture.get("use_sliding_window_attention", True),
+        architecture.get("sliding_window_size", 4096),
     )
     positions = sum(
-        min(window, sequence_length)
-        if ring and kind == "local"
-        else sequence_length
-        for kind in types
+        cache_capacity(window if ring else None, sequence_length)
+        for window in windows
     )
     per_position = 2 * batch_size * sizes["k"] * sizes["h"] * _BYTES[dtype]
     return positions * per_position
@@ -140,7 +139,7 @@ def memory_bytes(
     if mode not in ("generate", "lora"):
         raise ValueError(f"`mode` must be 'generate' or 'lora'; got {mode!r}.")
     width = _BYTES[dtype]
-    sizes = layout_sizes(architecture)
+    sizes = axis_sizes(architecture)
     layers = architecture["num_layers"]
     weights = abstract_parameter_count(architecture) * width
     if mode == "generate":

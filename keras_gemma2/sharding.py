@@ -10,6 +10,7 @@ import sys
 import keras
 
 from keras_gemma2.architectures import ARCHITECTURES
+from keras_gemma2.architectures import axis_sizes
 
 # Each weight's candidate placements of the model axis, best first: the
 # first whose sharded dimension the model axis divides is used. Heads first
@@ -32,19 +33,6 @@ _CANDIDATES = (
 _REPLICATED = r".*(norm|normalization)/scale$"
 # How many callers up `_variable_being_placed` looks for the variable.
 _CALLER_DEPTH = 4
-
-
-def layout_sizes(architecture):
-    """The legend's sizes (`v`, `d`, `n`, `k`, `h`, `f`) of an architecture."""
-    k = architecture
-    return {
-        "v": k["vocabulary_size"],
-        "d": k["hidden_dim"],
-        "n": k["num_query_heads"],
-        "k": k["num_key_value_heads"],
-        "h": k["head_dim"],
-        "f": k["intermediate_dim"],
-    }
 
 
 def _regex(pattern):
@@ -91,7 +79,7 @@ def plan_layouts(architecture, model_axis_size):
     architectures = (
         [architecture] if isinstance(architecture, dict) else architecture
     )
-    all_sizes = [layout_sizes(a) for a in architectures]
+    all_sizes = [axis_sizes(a) for a in architectures]
     plan = {}
     for pattern, axes, _ in _CANDIDATES:
         shapes = [tuple(s[a] for a in axes) for s in all_sizes]
@@ -193,9 +181,7 @@ class Gemma2LayoutMap(keras.distribution.LayoutMap):
             if self.architecture
             else list(ARCHITECTURES.values())
         )
-        shapes = [
-            tuple(layout_sizes(a)[x] for x in axes) for a in architectures
-        ]
+        shapes = [tuple(axis_sizes(a)[x] for x in axes) for a in architectures]
         axis = _sharded_axis(key, pattern, shapes, self.model_axis_size)
         return self._layout(axis, len(axes))
 

@@ -19,6 +19,31 @@ def attention_layer_types(num_layers, use_sliding_window_attention=True):
     return tuple("local" if i % 2 == 0 else "global" for i in range(num_layers))
 
 
+def layer_windows(
+    num_layers, use_sliding_window_attention=True, sliding_window_size=4096
+):
+    """Each layer's sliding window: an int for a local layer, `None` for a
+    global one (`attention_layer_types`'s alternation).
+
+    Example:
+    >>> layer_windows(3, sliding_window_size=4)
+    (4, None, 4)
+    """
+    types = attention_layer_types(num_layers, use_sliding_window_attention)
+    return tuple(sliding_window_size if t == "local" else None for t in types)
+
+
+def cache_capacity(window, max_length):
+    """Positions a layer's decode cache holds for `max_length` tokens: a
+    ring of its `window`, or every position for a global layer (`None`).
+
+    Example:
+    >>> cache_capacity(4, 20), cache_capacity(None, 20), cache_capacity(4, 3)
+    (4, 20, 3)
+    """
+    return min(window or max_length, max_length)
+
+
 def causal_mask(query_positions, key_positions):
     """`[..., q, k]` mask: a query sees keys at its own position or before."""
     return ops.expand_dims(key_positions, -2) <= ops.expand_dims(

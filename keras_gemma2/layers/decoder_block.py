@@ -136,10 +136,12 @@ class Gemma2DecoderBlock(keras.layers.Layer):
 
     @property
     def window_size(self):
-        """The sliding window of a local block, `None` for a global one."""
-        if self.attention_type == "local":
-            return self.sliding_window_size
-        return None
+        """The sliding window of a local block, `None` for a global one.
+
+        The attention layer holds it; `attention_type` and
+        `sliding_window_size` are only the constructor's (and config's)
+        way to say it."""
+        return self.attention.sliding_window_size
 
     def build(self, input_shape):
         ffw_shape = tuple(input_shape[:-1]) + (self.intermediate_dim,)

@@ -49,10 +49,10 @@ import warnings
 
 import h5py
 import keras
-import ml_dtypes
 from keras.src.utils import file_utils
 
 from keras_gemma2 import atomic
+from keras_gemma2 import h5
 from keras_gemma2.convert import damaged
 
 _FORMAT = "keras_gemma2.backup/1"
@@ -298,12 +298,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             ):
                 for group, variables in groups.items():
                     for i, variable in enumerate(variables):
-                        dataset = f[group][str(i)]
-                        value = dataset[()]
-                        dtype = dataset.attrs.get("dtype", "")
-                        if hasattr(ml_dtypes, dtype):  # Stored as its bits.
-                            value = value.view(getattr(ml_dtypes, dtype))
-                        variable.assign(value)
+                        variable.assign(h5.read(f[group][str(i)]))
                 if "torch_rng" in f:
                     # Set just before the first step (`on_train_batch_begin`):
                     # a new `fit` first makes a DataLoader, which draws from
@@ -371,12 +366,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 entries = f.create_group(group)
                 for i, variable in enumerate(variables):
                     value = keras.ops.convert_to_numpy(variable.value)
-                    dtype = keras.backend.standardize_dtype(value.dtype)
-                    if hasattr(ml_dtypes, dtype):
-                        # bfloat16, float8...: not HDF5 types; keep the bits.
-                        value = value.view(f"u{value.itemsize}")
-                    dataset = entries.create_dataset(str(i), data=value)
-                    dataset.attrs["dtype"] = dtype
+                    h5.write(entries, str(i), value)
             if keras.backend.backend() == "torch":
                 _write_torch_rng(f.create_group("torch_rng"))
         atomic.fsync_path(path)

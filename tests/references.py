@@ -226,8 +226,8 @@ def hf_greedy(hf, token_ids, num_tokens):
     return ids
 
 
-def keras_hub_backbone(seed=0, query_head_dim_normalize=True):
-    """A tiny random KerasHub `GemmaBackbone` in Gemma 2 mode (float32)."""
+def keras_hub_backbone(seed=0, query_head_dim_normalize=True, dtype="float32"):
+    """A tiny random KerasHub `GemmaBackbone` in Gemma 2 mode."""
     import keras
     import keras_hub
 
@@ -248,7 +248,7 @@ def keras_hub_backbone(seed=0, query_head_dim_normalize=True):
         attention_logit_soft_cap=k["attention_logit_soft_cap"],
         use_sliding_window_attention=True,
         sliding_window_size=k["sliding_window_size"],
-        dtype="float32",
+        dtype=dtype,
     )
     for w in backbone.weights:  # non-trivial norms and larger weights
         values = np.random.default_rng(len(w.path)).normal(0, 0.3, w.shape)

@@ -3,6 +3,7 @@
 import glob
 import os
 
+from keras_gemma2 import h5
 from keras_gemma2.convert import damaged
 from keras_gemma2.convert import names
 
@@ -83,4 +84,4 @@ def read_weight(spec, weights, dims):
     """One weight in our layout (KerasHub's equals ours), as numpy."""
     dataset = weights.find(spec.keras_hub_key)
     with damaged.reading(dataset.file.filename, WEIGHTS, FIX):
-        return dataset[()]
+        return h5.read(dataset)

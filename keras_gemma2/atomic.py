@@ -1,4 +1,6 @@
-"""Writing folders atomically: stage beside the target, fsync, then rename."""
+"""Writing files and folders atomically: stage beside the target, fsync,
+then rename; and the checks that keep a write from replacing what it should
+not."""
 
 import contextlib
 import os
@@ -113,3 +115,100 @@ def staged_folder(path, kind="writing"):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_file(path, kind="writing"):
+    """Yields a sibling file path that replaces `path` on success.
+
+    The sibling is created first, with the mode a new file gets here (0o666
+    less the umask), which `file_mode` reads back for writers that create
+    their files 0o600. On success it is flushed, renamed to `path` and the
+    parent folder flushed; on any error it is removed and `path` is left
+    as it was.
+
+    Example:
+    ```python
+    import os, tempfile
+    from keras_gemma2 import atomic
+    target = os.path.join(tempfile.mkdtemp(), "a.txt")
+    with atomic.staged_file(target) as staging:
+        with open(staging, "w") as f:
+            f.write("done")
+    assert open(target).read() == "done"
+    ```
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(
+        parent, f".{os.path.basename(path)}.{kind}-{uuid.uuid4().hex[:12]}"
+    )
+    open(staging, "xb").close()
+    try:
+        yield staging
+        fsync_path(staging)
+        os.replace(staging, path)
+        fsync_path(parent)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise
+
+
+def file_mode(folder):
+    """The permission bits a new file gets in `folder` (0o666 less the
+    umask), read from a file created there: `os.umask` can only be read by
+    setting it, for the whole process."""
+    probe = os.path.join(folder, f".mode-{uuid.uuid4().hex[:12]}")
+    open(probe, "xb").close()
+    try:
+        return os.stat(probe).st_mode & 0o777
+    finally:
+        os.remove(probe)
+
+
+def save_safetensors(tensors, filename, metadata=None):
+    """Writes numpy `tensors` as a safetensors file with a normal mode.
+
+    `safetensors.numpy.save_file` (0.8) creates its file 0o600; the file
+    is given the mode of any other new file in its folder. bfloat16 arrays
+    (ml_dtypes) are written as BF16.
+    """
+    # safetensors: needed only to write these files (see convert.damaged)
+    from safetensors.numpy import save_file
+
+    folder = os.path.dirname(os.path.abspath(filename))
+    mode = file_mode(folder)
+    save_file(tensors, filename, metadata=metadata)
+    os.chmod(filename, mode)
+
+
+def check_target(path, fix, replaceable=False):
+    """Refuses to write a folder at `path` over a file or a non-empty folder.
+
+    Args:
+        path: the folder about to be written.
+        fix: what the user should do instead, ending the error message.
+        replaceable: bool, or a callable taking `path`: whether a non-empty
+            folder there may be replaced (`overwrite=True`, or it is a
+            preset of ours).
+
+    Example:
+    ```python
+    import tempfile
+    from keras_gemma2 import atomic
+    atomic.check_target(tempfile.mkdtemp(), fix="choose a new folder")
+    ```
+    """
+    if not os.path.exists(path):
+        return
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"{path} exists and is not a folder; pass a folder path to "
+            "write into."
+        )
+    if callable(replaceable):
+        replaceable = replaceable(path)
+    if os.listdir(path) and not replaceable:
+        raise ValueError(f"{path} exists and is not empty; {fix}.")

@@ -22,6 +22,7 @@ import numpy as np
 from keras import ops
 from keras import random
 
+from keras_gemma2 import atomic
 from keras_gemma2.convert import damaged
 from keras_gemma2.convert import to_peft
 
@@ -198,9 +199,6 @@ def save_adapters(backbone, path):
     keras_gemma2.lora.save_adapters(backbone, path)
     ```
     """
-    # safetensors: only adapter files need it (see convert.damaged)
-    from safetensors.numpy import save_file
-
     variables = adapter_variables(backbone)
     if not variables:
         raise ValueError(
@@ -221,14 +219,8 @@ def save_adapters(backbone, path):
         for name, v in variables.items()
     }
     path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    staging = f"{path}.writing-{os.getpid()}"
-    try:
-        save_file(tensors, staging, metadata=metadata)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+    with atomic.staged_file(path) as staging:
+        atomic.save_safetensors(tensors, staging, metadata=metadata)
     return path
 
 

@@ -135,6 +135,10 @@ class RegisteredPresetsMixin:
                 as it is read, so peak memory is the quantized model plus
                 one float matrix (the 9B in int8: 12.2 GB); a preset of
                 ours loads whole, then is quantized.
+            progress: optional callable, called as `progress(done, total)`
+                after each tensor converted from a KerasHub or Hugging Face
+                checkpoint (the CLI's `convert` draws its progress bar with
+                it); a preset of ours loads at once, without calls.
             **kwargs: forwarded to KerasHub's `from_preset`, e.g. `dtype`,
                 `load_weights`.
 
@@ -148,10 +152,11 @@ class RegisteredPresetsMixin:
         ```
         """
         preset, kwargs = resolve(preset, kwargs)
+        progress = kwargs.pop("progress", None)
         quantize = kwargs.get("quantize")
         if quantize is not None:
             _check_quantize(cls, quantize)
-        converted = loader.load_foreign(cls, preset, kwargs)
+        converted = loader.load_foreign(cls, preset, kwargs, progress=progress)
         if converted is not None:
             return converted
         kwargs.pop("quantize", None)
@@ -217,16 +222,14 @@ class RegisteredPresetsMixin:
 
 
 def check_preset_target(path):
-    """Refuses to replace a non-empty folder that is not a preset."""
-    if (
-        os.path.isdir(path)
-        and os.listdir(path)
-        and not os.path.exists(os.path.join(path, "config.json"))
-    ):
-        raise ValueError(
-            f"{path} is a non-empty folder that is not a preset; choose a "
-            "new folder so that nothing in it is lost."
-        )
+    """Refuses to replace a file, or a non-empty folder that is not a
+    preset."""
+    atomic.check_target(
+        path,
+        fix="it is not a preset, so choose a new folder so that nothing in "
+        "it is lost",
+        replaceable=lambda p: os.path.exists(os.path.join(p, "config.json")),
+    )
 
 
 def registered_presets():

@@ -11,6 +11,7 @@ import pytest
 import sentencepiece as spm
 
 import keras_gemma2
+from keras_gemma2 import architectures
 from keras_gemma2 import presets  # noqa: F401
 from keras_gemma2.convert import names
 from tests import references
@@ -148,6 +149,25 @@ class KerasHubPresetTest(TestCase):
         lm = keras_gemma2.Gemma2CausalLM(ours)
         self.assertLess(np.abs(_logits(lm, ids) - expected).max(), 1e-4)
 
+    def test_bfloat16_preset_loads_its_values_not_their_bytes(self):
+        # HDF5 has no bfloat16: KerasHub's file holds the bits, with the
+        # dtype in an attribute (h5py reads them as opaque |V2 values).
+        theirs = _keras_hub_backbone(dtype="bfloat16")
+        path = os.path.join(self.get_temp_dir(), "kh16")
+        theirs.save_to_preset(path)
+        # (Held in float32 on XLA:CPU, in bfloat16 on PyTorch: the values
+        # are the same.)
+        ours = keras_gemma2.Gemma2Backbone.from_preset(path)
+        for layer in ("token_embedding", "final_normalization"):
+            (mine,) = ours.get_layer(layer).weights
+            (reference,) = theirs.get_layer(layer).weights
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(keras.ops.cast(mine, "float32")),
+                keras.ops.convert_to_numpy(
+                    keras.ops.cast(reference, "float32")
+                ),
+            )
+
     def test_27b_style_query_scale_is_the_reference_one(self):
         # query_head_dim_normalize=False: KerasHub means hidden/heads (6 here)
         # but its decoder block uses head_dim; we load the reference model.
@@ -182,7 +202,7 @@ def _copy_into_hf(backbone, hf):
     import torch
 
     kwargs = backbone.get_config()
-    dims = names.dims_of(kwargs)
+    dims = architectures.axis_sizes(kwargs)
     variables = _by_path(backbone)
     state = {}
     for spec in names.weight_specs(kwargs):

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 
 import keras_gemma2
+from keras_gemma2 import architectures
 from keras_gemma2 import atomic  # noqa: F401 (keras_gemma2.atomic below)
 from keras_gemma2 import distribution
 from keras_gemma2 import generation
+from keras_gemma2 import h5
 from keras_gemma2 import memory
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2 import rag
+from keras_gemma2 import special_tokens
 from keras_gemma2.convert import to_peft
 from keras_gemma2.layers import attention_masks
 
@@ -65,6 +68,9 @@ PUBLIC = [
     rag.ask,
     rag.lock.locked,
     keras_gemma2.atomic.staged_folder,
+    keras_gemma2.atomic.staged_file,
+    keras_gemma2.atomic.check_target,
+    h5,
 ]
 
 
@@ -74,7 +80,7 @@ def _examples(obj):
 
 
 def test_every_public_name_has_an_example():
-    missing = [obj.__qualname__ for obj in PUBLIC if not _examples(obj)]
+    missing = [obj.__name__ for obj in PUBLIC if not _examples(obj)]
     assert not missing
 
 
@@ -86,24 +92,34 @@ DISTRIBUTED = {
 }
 
 
-@pytest.mark.parametrize("obj", PUBLIC, ids=lambda o: o.__qualname__)
+@pytest.mark.parametrize(
+    "obj", PUBLIC, ids=lambda o: getattr(o, "__qualname__", o.__name__)
+)
 def test_examples_run(obj):
     if obj in DISTRIBUTED and keras.config.backend() == "torch":
         pytest.skip("keras.distribution has no torch backend")
     for example in _examples(obj):
         namespace = {"keras_gemma2": keras_gemma2, "np": np, "keras": keras}
-        exec(compile(example, obj.__qualname__, "exec"), namespace)
+        exec(compile(example, obj.__name__, "exec"), namespace)
 
 
 @pytest.mark.parametrize(
     "obj",
-    [attention_masks.attention_layer_types, generation.bucket_length],
-    ids=lambda o: o.__qualname__,
+    [
+        attention_masks.attention_layer_types,
+        attention_masks.layer_windows,
+        attention_masks.cache_capacity,
+        architectures.axis_sizes,
+        generation.bucket_length,
+        special_tokens,
+    ],
+    ids=lambda o: o.__name__,
 )
 def test_doctests(obj):
-    finder = doctest.DocTestFinder()
+    finder = doctest.DocTestFinder(recurse=False)
     runner = doctest.DocTestRunner()
-    tests = finder.find(obj, obj.__qualname__, globs={obj.__name__: obj})
+    module = obj if inspect.ismodule(obj) else inspect.getmodule(obj)
+    tests = finder.find(obj, obj.__name__, globs=dict(vars(module)))
     assert tests and tests[0].examples
     for test in tests:
         runner.run(test)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 # Module -> why it imports keras_gemma2 modules inside functions.
 FUNCTION_LEVEL_EXCEPTIONS = {
-    "keras_gemma2.cli": (
+    "keras_gemma2.cli.commands": (
         "Keras reads KERAS_BACKEND once, when first imported, and the "
         "package's models import Keras: each command imports them after "
         "`--backend` has set it, and `--help` imports no backend at all."

@@ -10,12 +10,12 @@ from keras_hub.models import CausalLM
 from keras_hub.models import Preprocessor
 from keras_hub.tokenizers import Tokenizer
 
+from keras_gemma2 import architectures
 from keras_gemma2 import deferred
 from keras_gemma2 import quantization
 from keras_gemma2.convert import damaged
 from keras_gemma2.convert import from_huggingface
 from keras_gemma2.convert import from_keras_hub
-from keras_gemma2.convert import names
 from keras_gemma2.convert.files import PresetFiles
 from keras_gemma2.layers import direct
 
@@ -174,7 +174,7 @@ def load_backbone(
         by_path = {spec.path: spec for spec in specs}
         missing = {v.path for v in backbone.weights} - set(by_path)
         assert not missing, f"no source for {sorted(missing)}"
-        dims = names.dims_of(kwargs)
+        dims = architectures.axis_sizes(kwargs)
         # The one float variable of each quantizable layer -> that layer.
         to_quantize = {}
         if quantize:

@@ -11,6 +11,10 @@ f FFN width of one gate.
 
 import numpy as np
 
+from keras_gemma2 import architectures
+from keras_gemma2 import special_tokens
+from keras_gemma2.layers.attention_masks import attention_layer_types
+
 # --- tensor layouts: ours <-> HF --------------------------------------------
 
 
@@ -124,24 +128,10 @@ class WeightSpec:
         return np.ascontiguousarray(self._to_hf(np.asarray(array), dims))
 
 
-def dims_of(kwargs):
-    """The layout legend's sizes for `Gemma2Backbone` kwargs."""
-    return {
-        "v": kwargs["vocabulary_size"],
-        "d": kwargs["hidden_dim"],
-        "n": kwargs["num_query_heads"],
-        "k": kwargs["num_key_value_heads"],
-        "h": kwargs["head_dim"],
-        "f": kwargs["intermediate_dim"],
-        "nh": kwargs["num_query_heads"] * kwargs["head_dim"],
-        "kh": kwargs["num_key_value_heads"] * kwargs["head_dim"],
-    }
-
-
 def weight_specs(kwargs):
     """Every weight of a backbone with these kwargs, in load order."""
     specs = []
-    dims = dims_of(kwargs)
+    dims = architectures.axis_sizes(kwargs)
     for path, hf_key, from_hf, to_hf, shape, hf_shape in _TOP:
         layer = path.split("/")[0]
         specs.append(
@@ -184,6 +174,37 @@ def weight_specs(kwargs):
 # --- configs -----------------------------------------------------------------
 
 
+def _hf_layer_types(num_layers, use_sliding_window_attention):
+    """HF's `layer_types` for `attention_layer_types`'s alternation."""
+    hf_names = {"local": "sliding_attention", "global": "full_attention"}
+    return [
+        hf_names[kind]
+        for kind in attention_layer_types(
+            num_layers, use_sliding_window_attention
+        )
+    ]
+
+
+# `Gemma2Backbone` kwarg -> (HF `config.json` key, default when absent): the
+# fields that map one to one, read one way by `kwargs_from_hf_config` and
+# the other by `hf_config_from_kwargs`. A default of `_REQUIRED` must be
+# present. The rest (rope, sliding window, layer types) is written out there.
+_REQUIRED = object()
+_HF_CONFIG_FIELDS = {
+    "vocabulary_size": ("vocab_size", _REQUIRED),
+    "num_layers": ("num_hidden_layers", _REQUIRED),
+    "num_query_heads": ("num_attention_heads", _REQUIRED),
+    "num_key_value_heads": ("num_key_value_heads", _REQUIRED),
+    "hidden_dim": ("hidden_size", _REQUIRED),
+    "intermediate_dim": ("intermediate_size", _REQUIRED),
+    "head_dim": ("head_dim", _REQUIRED),
+    "query_pre_attn_scalar": ("query_pre_attn_scalar", _REQUIRED),
+    "layer_norm_epsilon": ("rms_norm_eps", 1e-6),
+    "attention_logit_soft_cap": ("attn_logit_softcapping", None),
+    "final_logit_soft_cap": ("final_logit_softcapping", None),
+}
+
+
 def kwargs_from_hf_config(config):
     """`Gemma2Backbone` kwargs from an HF `config.json` dict."""
     if config.get("model_type") != "gemma2":
@@ -196,10 +217,7 @@ def kwargs_from_hf_config(config):
     layer_types = config.get("layer_types")
     sliding = config.get("sliding_window")
     if layer_types is not None:
-        expected = [
-            "sliding_attention" if i % 2 == 0 else "full_attention"
-            for i in range(num_layers)
-        ]
+        expected = _hf_layer_types(num_layers, True)
         if sliding and list(layer_types) != expected:
             raise ValueError(
                 "config.json `layer_types` is not Gemma 2's alternation "
@@ -213,21 +231,15 @@ def kwargs_from_hf_config(config):
             f"config.json `hidden_activation` is {activation!r}; Gemma 2 "
             "uses the tanh GeLU ('gelu_pytorch_tanh')."
         )
+    kwargs = {
+        ours: config[key] if default is _REQUIRED else config.get(key, default)
+        for ours, (key, default) in _HF_CONFIG_FIELDS.items()
+    }
     return {
-        "vocabulary_size": config["vocab_size"],
-        "num_layers": num_layers,
-        "num_query_heads": config["num_attention_heads"],
-        "num_key_value_heads": config["num_key_value_heads"],
-        "hidden_dim": config["hidden_size"],
-        "intermediate_dim": config["intermediate_size"],
-        "head_dim": config["head_dim"],
-        "query_pre_attn_scalar": config["query_pre_attn_scalar"],
-        "layer_norm_epsilon": config.get("rms_norm_eps", 1e-6),
+        **kwargs,
         "rope_max_wavelength": rope.get(
             "rope_theta", config.get("rope_theta", 10000.0)
         ),
-        "attention_logit_soft_cap": config.get("attn_logit_softcapping"),
-        "final_logit_soft_cap": config.get("final_logit_softcapping"),
         "use_sliding_window_attention": bool(sliding),
         "sliding_window_size": sliding or 4096,
     }
@@ -235,8 +247,14 @@ def kwargs_from_hf_config(config):
 
 # Gemma's own vocabulary (shared/GEMMA2.md), and transformers' Gemma2Config
 # defaults: the ids written for a model exported without a tokenizer.
-GEMMA_TOKEN_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
-GEMMA_STOP_TOKEN_IDS = [1, 107]  # <eos>, <end_of_turn>
+GEMMA_TOKEN_IDS = {
+    f"{name}_id": special_tokens.GEMMA_IDS[token]
+    for name, token in special_tokens.HF_NAMES.items()
+    if name != "unk_token"
+}
+GEMMA_STOP_TOKEN_IDS = [
+    special_tokens.GEMMA_IDS[token] for token in special_tokens.STOP_TOKENS
+]
 
 
 def hf_config_from_kwargs(kwargs, dtype="float32", token_ids=None):
@@ -253,26 +271,17 @@ def hf_config_from_kwargs(kwargs, dtype="float32", token_ids=None):
             )
     sliding = kwargs.get("use_sliding_window_attention", True)
     num_layers = kwargs["num_layers"]
+    fields = {
+        key: kwargs[ours] if default is _REQUIRED else kwargs.get(ours, default)
+        for ours, (key, default) in _HF_CONFIG_FIELDS.items()
+    }
     return {
         "architectures": ["Gemma2ForCausalLM"],
         "model_type": "gemma2",
-        "vocab_size": kwargs["vocabulary_size"],
-        "hidden_size": kwargs["hidden_dim"],
-        "intermediate_size": kwargs["intermediate_dim"],
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": kwargs["num_query_heads"],
-        "num_key_value_heads": kwargs["num_key_value_heads"],
-        "head_dim": kwargs["head_dim"],
-        "query_pre_attn_scalar": kwargs["query_pre_attn_scalar"],
-        "rms_norm_eps": kwargs.get("layer_norm_epsilon", 1e-6),
+        **fields,
         "rope_theta": kwargs.get("rope_max_wavelength", 10000.0),
-        "attn_logit_softcapping": kwargs.get("attention_logit_soft_cap"),
-        "final_logit_softcapping": kwargs.get("final_logit_soft_cap"),
         "sliding_window": kwargs.get("sliding_window_size", 4096),
-        "layer_types": [
-            "sliding_attention" if sliding and i % 2 == 0 else "full_attention"
-            for i in range(num_layers)
-        ],
+        "layer_types": _hf_layer_types(num_layers, sliding),
         "hidden_activation": "gelu_pytorch_tanh",
         "max_position_embeddings": 8192,
         "attention_bias": False,

@@ -15,19 +15,13 @@ import ml_dtypes
 import numpy as np
 from keras import ops
 
+from keras_gemma2 import architectures
 from keras_gemma2 import atomic
+from keras_gemma2 import special_tokens
 from keras_gemma2.convert import names
 
 # float16 overflows in Gemma 2's activations (shared/GEMMA2.md).
 _DTYPES = ("float32", "bfloat16")
-
-_SPECIAL_TOKENS = {
-    "bos_token": "<bos>",
-    "eos_token": "<eos>",
-    "pad_token": "<pad>",
-    "unk_token": "<unk>",
-}
-_MASK_TOKEN = "<mask>"  # in Gemma's vocabulary, at id 4
 
 
 def export_to_transformers(causal_lm, path, dtype=None, overwrite=False):
@@ -71,7 +65,7 @@ def export_to_transformers(causal_lm, path, dtype=None, overwrite=False):
     token_ids, generation_config = _token_ids(tokenizer)
     config = names.hf_config_from_kwargs(kwargs, dtype, token_ids)
     path = os.path.abspath(os.fspath(path))
-    _check_target(path, overwrite)
+    check_target(path, overwrite)
     tensors = _hf_tensors(backbone, kwargs, dtype)
 
     with atomic.staged_folder(path, "export") as staging:
@@ -128,7 +122,7 @@ def _hf_tensors(backbone, kwargs, dtype):
         )
     variables = {v.path: v for v in backbone.weights}
     merged, lora_paths = _merged_lora_kernels(backbone)
-    dims = names.dims_of(kwargs)
+    dims = architectures.axis_sizes(kwargs)
     specs = names.weight_specs(kwargs)
     tensors = {}
     for spec in specs:
@@ -196,18 +190,9 @@ def _cast(array, dtype):
 
 
 def _write_weights(filename, tensors):
-    # safetensors.numpy maps a numpy dtype by its name, and ml_dtypes'
-    # bfloat16 is named "bfloat16", which safetensors (0.8 here) writes as
-    # BF16: bf16 weights stay bf16 on disk without torch. One file; no
-    # `lm_head.weight` (tied embeddings). Imported here: safetensors is
-    # needed only to write the files (see convert.damaged).
-    from safetensors.numpy import save_file
-
-    save_file(tensors, filename, metadata={"format": "pt"})
-    # safetensors 0.8 creates the file 0o600; give it the mode of the json
-    # files written with `open` next to it (0o666 less the umask).
-    config = os.path.join(os.path.dirname(filename), "config.json")
-    os.chmod(filename, os.stat(config).st_mode & 0o777)
+    # bf16 weights stay bf16 on disk without torch. One file; no
+    # `lm_head.weight` (tied embeddings).
+    atomic.save_safetensors(tensors, filename, metadata={"format": "pt"})
 
 
 # --- tokenizer and json ------------------------------------------------------
@@ -222,12 +207,14 @@ def _write_tokenizer(folder, tokenizer):
     vocabulary = set(tokenizer.get_vocabulary())
     markers = (tokenizer.start_of_turn_token, tokenizer.end_of_turn_token)
     chat_tokens = [token for token in markers if token in vocabulary]
-    mask_token = _MASK_TOKEN if _MASK_TOKEN in vocabulary else None
+    mask_token = (
+        special_tokens.MASK if special_tokens.MASK in vocabulary else None
+    )
     _write_json(
         os.path.join(folder, "tokenizer_config.json"),
         {
             "tokenizer_class": "GemmaTokenizer",
-            **_SPECIAL_TOKENS,
+            **special_tokens.HF_NAMES,
             "mask_token": mask_token,
             "additional_special_tokens": chat_tokens,
             "add_bos_token": True,
@@ -238,7 +225,7 @@ def _write_tokenizer(folder, tokenizer):
     )
     _write_json(
         os.path.join(folder, "special_tokens_map.json"),
-        {**_SPECIAL_TOKENS, "additional_special_tokens": chat_tokens},
+        {**special_tokens.HF_NAMES, "additional_special_tokens": chat_tokens},
     )
 
 
@@ -251,16 +238,11 @@ def _write_json(filename, data):
 # --- the atomic move ---------------------------------------------------------
 
 
-def _check_target(path, overwrite):
-    if not os.path.exists(path):
-        return
-    if not os.path.isdir(path):
-        raise ValueError(
-            f"{path} exists and is not a folder; pass a folder path to "
-            "export into."
-        )
-    if os.listdir(path) and not overwrite:
-        raise ValueError(
-            f"{path} is not empty. Pass `overwrite=True` to replace it, or "
-            "choose a new folder."
-        )
+def check_target(path, overwrite):
+    """Refuses an export over a file, or over a non-empty folder unless
+    `overwrite`."""
+    atomic.check_target(
+        path,
+        fix="pass `overwrite=True` to replace it, or choose a new folder",
+        replaceable=overwrite,
+    )

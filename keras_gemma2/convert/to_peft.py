@@ -31,9 +31,10 @@ import os
 import numpy as np
 from keras import ops
 
+from keras_gemma2 import architectures
 from keras_gemma2 import atomic
 from keras_gemma2.convert import names
-from keras_gemma2.convert.to_huggingface import _check_target
+from keras_gemma2.convert.to_huggingface import check_target
 
 _HEADS = {"query": "n", "key": "k", "value": "k"}
 _OUTPUT = ("attention_output",)
@@ -76,8 +77,8 @@ def export_peft(backbone, path, overwrite=False, base_model_name_or_path=None):
     backbone = getattr(backbone, "backbone", backbone)
     layers = _lora_layers(backbone)
     path = os.path.abspath(os.fspath(path))
-    _check_target(path, overwrite)
-    dims = names.dims_of(backbone.get_config())
+    check_target(path, overwrite)
+    dims = architectures.axis_sizes(backbone.get_config())
     hf_modules = {
         spec.path: spec for spec in names.weight_specs(backbone.get_config())
     }
@@ -116,10 +117,10 @@ def export_peft(backbone, path, overwrite=False, base_model_name_or_path=None):
         with open(config_file, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
-        _write_weights(
-            os.path.join(staging, "adapter_model.safetensors"),
+        atomic.save_safetensors(
             tensors,
-            os.stat(config_file).st_mode & 0o777,
+            os.path.join(staging, "adapter_model.safetensors"),
+            metadata={"format": "pt"},
         )
     return path
 
@@ -233,12 +234,3 @@ def _all_modules(backbone):
         spec.hf_key.removesuffix(".weight")
         for spec in names.weight_specs(backbone.get_config())
     }
-
-
-def _write_weights(filename, tensors, mode):
-    # safetensors: only the adapter files need it (see convert.damaged)
-    from safetensors.numpy import save_file
-
-    save_file(tensors, filename, metadata={"format": "pt"})
-    # safetensors creates the file 0o600; give it the json file's mode.
-    os.chmod(filename, mode)

@@ -42,6 +42,17 @@ class SafetensorsCheckpoint:
     demand, so loading holds one tensor at a time beyond the model itself.
     Every shard's header is checked against its file's length first, so a
     shard cut short is refused before any weight moves.
+
+    Why our own reader, where KerasHub's HF converter uses
+    `safetensors.safe_open`: it reads tensor by tensor as the model is
+    built, into a model already given a random initialisation, so a
+    missing key or a wrong shape is found after part of the model is
+    loaded, and a truncated shard raises from deep inside the library.
+    Reading the headers first (`json`, then `numpy.memmap` per tensor, into
+    deferred variables) checks everything before a weight moves, and grew
+    resident memory by 1.12x the model while loading, against KerasHub's
+    2.34x (`benchmarks/load_memory.py`). safetensors is then needed only to
+    write files.
     """
 
     def __init__(self, files):

@@ -59,39 +59,51 @@ def compile_function(model, fn, static_argnames=()):
     """
     backend = keras.config.backend()
     if backend == "torch":
-        # torch.no_grad: PyTorch, an optional dependency, on its backend only.
-        import torch
-
-        direct.torch_kernel_layout(model)
-        compiled_gemv = direct.use_compiled_gemv(model)
-        step = None
-        if getattr(model, "_generate_torch_compile", False):
-            step = torch_compiled_step(model)
-
-        def torch_function(*args, **static):
-            with torch.no_grad(), direct.direct_calls(compiled_gemv):
-                with _using_step(step):
-                    return fn(*args, **static)
-
-        return torch_function
+        return _torch_function(model, fn)
     if backend == "tensorflow":
-        # tf.function: TensorFlow, imported on its backend only.
-        import tensorflow as tf
+        return _tf_function(model, fn)
+    if backend == "jax":
+        return _jax_function(model, fn, static_argnames)
 
-        function = tf.function(
-            fn, jit_compile=getattr(model, "_generate_jit_compile", True)
-        )
+    def eager_function(*args, **static):
+        return fn(*args, **static)
 
-        def tf_function(*args, **static):
-            return function(*args, **static)
+    return eager_function
 
-        return tf_function
-    if backend != "jax":
 
-        def eager_function(*args, **static):
-            return fn(*args, **static)
+def _torch_function(model, fn):
+    # torch.no_grad: PyTorch, an optional dependency, on its backend only.
+    import torch
 
-        return eager_function
+    direct.torch_kernel_layout(model)
+    compiled_gemv = direct.use_compiled_gemv(model)
+    step = None
+    if getattr(model, "_generate_torch_compile", False):
+        step = torch_compiled_step(model)
+
+    def torch_function(*args, **static):
+        with torch.no_grad(), direct.direct_calls(compiled_gemv):
+            with _using_step(step):
+                return fn(*args, **static)
+
+    return torch_function
+
+
+def _tf_function(model, fn):
+    # tf.function: TensorFlow, imported on its backend only.
+    import tensorflow as tf
+
+    function = tf.function(
+        fn, jit_compile=getattr(model, "_generate_jit_compile", True)
+    )
+
+    def tf_function(*args, **static):
+        return function(*args, **static)
+
+    return tf_function
+
+
+def _jax_function(model, fn, static_argnames):
     # jax.jit: JAX, imported on its backend only.
     import jax
 

@@ -2,7 +2,8 @@
 
 HDF5 has no bfloat16 (nor float8): Keras 3 writes such an array's bytes and
 names the dtype in the dataset's `dtype` attribute, and h5py reads them
-back as opaque `|V2` values. Every reader and writer of these files here (the
+back as opaque `|V2` values (older backups of ours hold them as `uint16`;
+`read` takes both). Every reader and writer of these files here (the
 merger, the backup callback, the KerasHub converter) goes through `read`
 and `write`, so that a bfloat16 weight is never taken for its bytes.
 
@@ -41,17 +42,12 @@ def read(dataset):
 
 
 def write(group, name, value):
-    """Creates dataset `name` in `group`; its dtype is recorded as Keras
-    does where HDF5 has none (bfloat16, float8: their bits are kept)."""
+    """Creates dataset `name` in `group`, as Keras' `save_weights` does:
+    an ml_dtypes array (bfloat16, float8) is stored as its bytes, and its
+    dtype is named in the `dtype` attribute (here for every dataset)."""
     value = np.asarray(value)
-    dtype = value.dtype.name
-    if hasattr(ml_dtypes, dtype):
-        dataset = group.create_dataset(
-            name, data=value.view(f"u{value.itemsize}")
-        )
-    else:
-        dataset = group.create_dataset(name, data=value)
-    dataset.attrs["dtype"] = dtype
+    dataset = group.create_dataset(name, data=value)
+    dataset.attrs["dtype"] = value.dtype.name
     return dataset
 
 

@@ -245,42 +245,17 @@ def load_adapters(backbone, path):
     keras_gemma2.lora.load_adapters(base, path)
     ```
     """
-    # safetensors: only adapter files need it (see convert.damaged)
-    from safetensors import safe_open
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No adapter file at {path!r}.")
     path = os.fspath(path)
-    # The whole file is checked and read into memory before anything is
-    # enabled or assigned: a damaged file leaves the backbone as it was.
-    damaged.safetensors_header(path, _WHAT, damaged.ADAPTER_FIX)
-    with damaged.reading(path, _WHAT, damaged.ADAPTER_FIX):
-        with safe_open(path, framework="numpy") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    if metadata.get("format") != _FORMAT:
-        raise ValueError(
-            f"{path!r} is not a keras_gemma2 LoRA adapter file (no "
-            f"'{_FORMAT}' format tag)."
-        )
+    tensors, metadata = _read_adapter_file(path)
     with damaged.reading(path, _WHAT, damaged.ADAPTER_FIX):
         saved = json.loads(metadata["architecture"])
         rank = int(metadata["rank"])
         alpha = json.loads(metadata["alpha"])
         saved_targets = json.loads(metadata["targets"])
         dropout = json.loads(metadata.get("dropout", "0.0"))
-    ours = _architecture(backbone)
-    differences = [
-        f"{key} {saved.get(key)} (adapters) != {ours[key]} (model)"
-        for key in _ARCHITECTURE_KEYS
-        if saved.get(key) != ours[key]
-    ]
-    if differences:
-        raise ValueError(
-            "These adapters were trained on another architecture: "
-            + "; ".join(differences)
-            + ". Load them onto the base model they were trained from."
-        )
+    _check_architecture(saved, _architecture(backbone))
     targets = _check_targets(saved_targets)
     enabled = bool(getattr(backbone, "_lora_enabled_layers", None))
     # Names and shapes are checked before LoRA is enabled or any weight
@@ -308,6 +283,40 @@ def load_adapters(backbone, path):
         enable(backbone, rank, alpha=alpha, targets=targets, dropout=dropout)
     for name, variable in adapter_variables(backbone).items():
         variable.assign(tensors[name])
+
+
+def _read_adapter_file(path):
+    """`(tensors, metadata)` of an adapter file, read whole: checked and in
+    memory before anything is enabled or assigned, so a damaged file leaves
+    the backbone as it was."""
+    # safetensors: only adapter files need it (see convert.damaged)
+    from safetensors import safe_open
+
+    damaged.safetensors_header(path, _WHAT, damaged.ADAPTER_FIX)
+    with damaged.reading(path, _WHAT, damaged.ADAPTER_FIX):
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if metadata.get("format") != _FORMAT:
+        raise ValueError(
+            f"{path!r} is not a keras_gemma2 LoRA adapter file (no "
+            f"'{_FORMAT}' format tag)."
+        )
+    return tensors, metadata
+
+
+def _check_architecture(saved, ours):
+    differences = [
+        f"{key} {saved.get(key)} (adapters) != {ours[key]} (model)"
+        for key in _ARCHITECTURE_KEYS
+        if saved.get(key) != ours[key]
+    ]
+    if differences:
+        raise ValueError(
+            "These adapters were trained on another architecture: "
+            + "; ".join(differences)
+            + ". Load them onto the base model they were trained from."
+        )
 
 
 def merge(backbone):

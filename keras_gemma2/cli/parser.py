@@ -191,36 +191,6 @@ def _add_finetune_command(commands, backend):
         "--output", required=True, help="The preset folder to write."
     )
     finetune.add_argument(
-        "--adapter",
-        help="Also write the LoRA adapters alone to this .safetensors file.",
-    )
-    finetune.add_argument(
-        "--lora-rank",
-        type=_at_least(0, "--lora-rank must be >= 0"),
-        default=4,
-        help="LoRA rank (default: 4); 0 fine-tunes every weight.",
-    )
-    finetune.add_argument(
-        "--lora-alpha", type=float, help="LoRA alpha (default: the rank)."
-    )
-    finetune.add_argument(
-        "--lora-targets",
-        default="query,value",
-        help="Comma-separated among query, key, value, attention_output, "
-        "ffw_gating, ffw_gating_2, ffw_linear; or all (default: "
-        "query,value).",
-    )
-    finetune.add_argument(
-        "--lora-dropout",
-        type=_fraction("--lora-dropout must be in [0, 1)"),
-        default=0.0,
-        help="Dropout on the adapters' input in training (default: 0).",
-    )
-    finetune.add_argument(
-        "--peft",
-        help="Also write the adapters as a Hugging Face PEFT folder here.",
-    )
-    finetune.add_argument(
         "--quantize",
         choices=("int8",),
         help="Quantize the base weights before LoRA training (QLoRA-style).",
@@ -231,39 +201,77 @@ def _add_finetune_command(commands, backend):
         help="Weights and compute dtype (default: the preset's); "
         "mixed_bfloat16 keeps float32 weights and computes in bfloat16.",
     )
-    finetune.add_argument(
+    _add_lora_options(finetune.add_argument_group("LoRA"))
+    _add_training_options(finetune.add_argument_group("training"))
+    finetune.set_defaults(func=handlers.finetune)
+
+
+def _add_lora_options(lora):
+    lora.add_argument(
+        "--adapter",
+        help="Also write the LoRA adapters alone to this .safetensors file.",
+    )
+    lora.add_argument(
+        "--lora-rank",
+        type=_at_least(0, "--lora-rank must be >= 0"),
+        default=4,
+        help="LoRA rank (default: 4); 0 fine-tunes every weight.",
+    )
+    lora.add_argument(
+        "--lora-alpha", type=float, help="LoRA alpha (default: the rank)."
+    )
+    lora.add_argument(
+        "--lora-targets",
+        default="query,value",
+        help="Comma-separated among query, key, value, attention_output, "
+        "ffw_gating, ffw_gating_2, ffw_linear; or all (default: "
+        "query,value).",
+    )
+    lora.add_argument(
+        "--lora-dropout",
+        type=_fraction("--lora-dropout must be in [0, 1)"),
+        default=0.0,
+        help="Dropout on the adapters' input in training (default: 0).",
+    )
+    lora.add_argument(
+        "--peft",
+        help="Also write the adapters as a Hugging Face PEFT folder here.",
+    )
+
+
+def _add_training_options(training):
+    training.add_argument(
         "--gradient-accumulation",
         type=_at_least(1, "--gradient-accumulation must be at least 1"),
         default=1,
         help="Apply the gradients of this many batches at once (default: 1).",
     )
-    finetune.add_argument(
+    training.add_argument(
         "--backup-dir",
         help="Back up training state here each epoch and resume from it "
         "when the same command is run again after an interruption.",
     )
-    finetune.add_argument(
+    training.add_argument(
         "--epochs", type=_at_least(1, "--epochs must be at least 1"), default=1
     )
-    finetune.add_argument(
+    training.add_argument(
         "--batch-size",
         type=_at_least(1, "--batch-size must be at least 1"),
         default=8,
     )
-    finetune.add_argument("--learning-rate", type=float, default=1e-3)
-    finetune.add_argument(
+    training.add_argument("--learning-rate", type=float, default=1e-3)
+    training.add_argument(
         "--sequence-length",
         type=_at_least(2, "--sequence-length must be at least 2"),
         default=256,
         help="Tokens per example; longer responses are cut (default: 256).",
     )
-    finetune.add_argument(
+    training.add_argument(
         "--no-chat",
         action="store_true",
         help="Train on the raw prompt and response, not Gemma chat turns.",
     )
-    finetune.add_argument("--seed", type=int, default=None, help="Seed.")
-    finetune.set_defaults(func=handlers.finetune)
+    training.add_argument("--seed", type=int, default=None, help="Seed.")
 
 
 def _add_rag_commands(commands, verbose, backend):

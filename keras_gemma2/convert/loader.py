@@ -175,13 +175,7 @@ def load_backbone(
         missing = {v.path for v in backbone.weights} - set(by_path)
         assert not missing, f"no source for {sorted(missing)}"
         dims = architectures.axis_sizes(kwargs)
-        # The one float variable of each quantizable layer -> that layer.
-        to_quantize = {}
-        if quantize:
-            for layer in backbone._flatten_layers():
-                if quantization.quantizable(layer):
-                    (variable,) = layer.weights
-                    to_quantize[id(variable)] = layer
+        to_quantize = _layers_by_float_variable(backbone) if quantize else {}
         # Taken off the list as they are filled: a quantized layer's float
         # variable is then freed at once, not when loading ends.
         total = len(created)
@@ -208,11 +202,7 @@ def load_backbone(
                 # a big process; our layers skip it); here one runs per 256
                 # MiB dropped, which bounds memory at a few collections.
                 uncollected += int(np.prod(variable.shape)) * 4
-                if isinstance(quantize, str):
-                    layer.quantize(quantize)
-                else:  # a keras.quantizers.QuantizationConfig
-                    layer.quantize(quantize.mode, config=quantize)
-                direct.drop_torch_params([layer])
+                _quantize_layer(layer, quantize)
                 if uncollected >= _COLLECT_EVERY:
                     gc.collect()
                     uncollected = 0
@@ -226,6 +216,25 @@ def load_backbone(
         direct.drop_torch_params(backbone._flatten_layers(include_self=True))
         gc.collect()
     return backbone
+
+
+def _layers_by_float_variable(backbone):
+    """`{id(variable): layer}`: the one float variable of each quantizable
+    layer, which is quantized as soon as that variable is filled."""
+    found = {}
+    for layer in backbone._flatten_layers():
+        if quantization.quantizable(layer):
+            (variable,) = layer.weights
+            found[id(variable)] = layer
+    return found
+
+
+def _quantize_layer(layer, quantize):
+    if isinstance(quantize, str):
+        layer.quantize(quantize)
+    else:  # a keras.quantizers.QuantizationConfig
+        layer.quantize(quantize.mode, config=quantize)
+    direct.drop_torch_params([layer])
 
 
 _TOKENIZER_FILES = {

@@ -92,19 +92,11 @@ def export_peft(backbone, path, overwrite=False, base_model_name_or_path=None):
                 f"Layer {layer.path!r} has LoRA but no PEFT counterpart; only "
                 "the decoder blocks' attention and FFN projections export."
             )
-        a = ops.convert_to_numpy(ops.cast(layer.lora_kernel_a, "float32"))
-        b = ops.convert_to_numpy(ops.cast(layer.lora_kernel_b, "float32"))
-        lora_a, lora_b, factor = _peft_factors(target, a, b, dims)
-        expected = spec.hf_shape
-        if (lora_b.shape[0], lora_a.shape[1]) != expected:
-            raise ValueError(
-                f"{layer.path}: adapters give a {lora_b.shape[0]} x "
-                f"{lora_a.shape[1]} update; {spec.hf_key} is {expected}."
-            )
         module = spec.hf_key.removesuffix(".weight")
         prefix = f"base_model.model.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(lora_a)
-        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+        lora_a, lora_b, factor = _layer_factors(layer, spec, target, dims)
+        tensors[f"{prefix}.lora_A.weight"] = lora_a
+        tensors[f"{prefix}.lora_B.weight"] = lora_b
         modules[module] = (
             module.rsplit(".", 1)[-1],
             layer.lora_rank * factor,
@@ -123,6 +115,21 @@ def export_peft(backbone, path, overwrite=False, base_model_name_or_path=None):
             metadata={"format": "pt"},
         )
     return path
+
+
+def _layer_factors(layer, spec, target, dims):
+    """One LoRA layer's PEFT `(lora_A, lora_B, rank factor)`, checked
+    against the shape of its HF weight."""
+    a = ops.convert_to_numpy(ops.cast(layer.lora_kernel_a, "float32"))
+    b = ops.convert_to_numpy(ops.cast(layer.lora_kernel_b, "float32"))
+    lora_a, lora_b, factor = _peft_factors(target, a, b, dims)
+    expected = spec.hf_shape
+    if (lora_b.shape[0], lora_a.shape[1]) != expected:
+        raise ValueError(
+            f"{layer.path}: adapters give a {lora_b.shape[0]} x "
+            f"{lora_a.shape[1]} update; {spec.hf_key} is {expected}."
+        )
+    return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b), factor
 
 
 def _lora_layers(backbone):

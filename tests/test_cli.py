@@ -288,7 +288,7 @@ def test_finetune_bad_data_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(
     keras.config.backend() != "torch",
     reason="The flags' plumbing, once (~1 min); each feature has its own "
-    "tests on every backend (test_memory_savers, test_resume, test_peft).",
+    "tests on every backend (test_memory_savers, test_callbacks, test_peft).",
 )
 def test_finetune_int8_dropout_accumulation_backup_and_peft(tmp_path):
     import json

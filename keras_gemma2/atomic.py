@@ -9,11 +9,13 @@ import stat
 import uuid
 
 
-def new_sibling(path, kind):
-    """Creates a hidden empty folder next to `path` and returns its path.
+def new_sibling(path, kind, folder=True):
+    """Creates a hidden empty folder (or, with `folder=False`, file) next to
+    `path` and returns its path.
 
-    `os.mkdir` rather than `tempfile.mkdtemp`, so that the folder, once
-    renamed to `path`, has the usual permissions (umask), not 0o700.
+    `os.mkdir` and `open(..., "x")` rather than `tempfile`, so that the
+    sibling, once renamed to `path`, has the usual permissions (umask), not
+    0o700 or 0o600.
     """
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -22,7 +24,10 @@ def new_sibling(path, kind):
             parent, f".{os.path.basename(path)}.{kind}-{uuid.uuid4().hex[:12]}"
         )
         try:
-            os.mkdir(sibling)
+            if folder:
+                os.mkdir(sibling)
+            else:
+                open(sibling, "xb").close()
             return sibling
         except FileExistsError:
             continue
@@ -121,11 +126,9 @@ def staged_folder(path, kind="writing"):
 def staged_file(path, kind="writing"):
     """Yields a sibling file path that replaces `path` on success.
 
-    The sibling is created first, with the mode a new file gets here (0o666
-    less the umask), which `file_mode` reads back for writers that create
-    their files 0o600. On success it is flushed, renamed to `path` and the
-    parent folder flushed; on any error it is removed and `path` is left
-    as it was.
+    The sibling is created empty first (`new_sibling`), which reserves its
+    name. On success it is flushed, renamed to `path` and the parent folder
+    flushed; on any error it is removed and `path` is left as it was.
 
     Example:
     ```python
@@ -139,17 +142,12 @@ def staged_file(path, kind="writing"):
     ```
     """
     path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(
-        parent, f".{os.path.basename(path)}.{kind}-{uuid.uuid4().hex[:12]}"
-    )
-    open(staging, "xb").close()
+    staging = new_sibling(path, kind, folder=False)
     try:
         yield staging
         fsync_path(staging)
         os.replace(staging, path)
-        fsync_path(parent)
+        fsync_path(os.path.dirname(path))
     except BaseException:
         if os.path.exists(staging):
             os.remove(staging)
@@ -160,8 +158,7 @@ def file_mode(folder):
     """The permission bits a new file gets in `folder` (0o666 less the
     umask), read from a file created there: `os.umask` can only be read by
     setting it, for the whole process."""
-    probe = os.path.join(folder, f".mode-{uuid.uuid4().hex[:12]}")
-    open(probe, "xb").close()
+    probe = new_sibling(os.path.join(folder, "mode"), "probe", folder=False)
     try:
         return os.stat(probe).st_mode & 0o777
     finally:

@@ -226,8 +226,8 @@ def check_preset_target(path):
     preset."""
     atomic.check_target(
         path,
-        fix="it is not a preset, so choose a new folder so that nothing in "
-        "it is lost",
+        fix="it is not a preset; choose a new folder so that nothing in it "
+        "is lost",
         replaceable=lambda p: os.path.exists(os.path.join(p, "config.json")),
     )
 

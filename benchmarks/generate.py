@@ -806,18 +806,15 @@ def ratio_lines(report):
         name = f"{config} b{batch} {dtype}"
         compiled = _find(results, library=COMPILED, **where)
         theirs = _find(results, library=hf, **where)
-        add(
-            f"{name} torch: decode {COMPILED} / {hf}",
-            _ratio(compiled, theirs, "decode_tok_s"),
-        )
-        add(
-            f"{name} torch: prefill {COMPILED} / {hf}",
-            _ratio(compiled, theirs, "prefill_tok_s"),
-        )
-        add(
-            f"{name} torch: first call {COMPILED} / {hf}",
-            _ratio(compiled, theirs, "first_call_s"),
-        )
+        for what, key in (
+            ("decode", "decode_tok_s"),
+            ("prefill", "prefill_tok_s"),
+            ("first call", "first_call_s"),
+        ):
+            add(
+                f"{name} torch: {what} {COMPILED} / {hf}",
+                _ratio(compiled, theirs, key),
+            )
         for backend in backends:
             ours = _find(results, library="ours", backend=backend, **where)
             for peer in ("keras_hub", "keras_hub (no XLA)"):

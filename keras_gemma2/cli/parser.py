@@ -95,28 +95,24 @@ _GENERATE_LENGTHS = (
 
 def _at_least(minimum, message):
     """A `type=` for whole numbers of at least `minimum`."""
-
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{message}; got {value}")
-        return value
-
-    return parse
+    return _number(int, "a whole number", message, minimum)
 
 
 def _fraction(message):
     """A `type=` for numbers in [0, 1)."""
+    return _number(float, "a number", message, 0, below=1)
+
+
+def _number(kind, noun, message, minimum, below=None):
+    """A `type=`: `kind(text)` in `[minimum, below)`, else argparse's usage
+    error with `message`."""
 
     def parse(text):
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-        if not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}")
+        if value < minimum or (below is not None and value >= below):
             raise argparse.ArgumentTypeError(f"{message}; got {value}")
         return value
 

@@ -201,12 +201,16 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
         """Hidden states `[b, t, d]` -> soft-capped logits `[b, t, vocab]`."""
         return direct.call(self.token_embedding, hidden_states, reverse=True)
 
-    def decode(self, x, caches, cache_update_index, valid_length=None):
+    def decode(
+        self, x, caches, cache_update_index, valid_length=None, extend=False
+    ):
         """Runs the blocks over `x` with per-layer caches.
 
-        One token is a decode step at position `cache_update_index`; several
-        are a prefill from position 0 that keeps the first `valid_length`
-        in the caches (see `Gemma2DecoderBlock.call`).
+        One token is a decode step at position `cache_update_index` (one per
+        row if a `[batch]` tensor); several are a prefill from position 0
+        that keeps the first `valid_length` in the caches, or with
+        `extend=True` continue the caches from `cache_update_index` (see
+        `Gemma2DecoderBlock.call`).
 
         Returns the final hidden states and the list of updated caches.
         """
@@ -218,6 +222,7 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
                 cache=cache,
                 cache_update_index=cache_update_index,
                 valid_length=valid_length,
+                extend=extend,
             )
             new_caches.append(cache)
         return direct.call(self.final_normalization, x), new_caches

@@ -180,14 +180,21 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
     # --- cached decoding: KerasHub's sampler contract ---------------------
 
     def call_with_cache(
-        self, token_ids, cache, cache_update_index, valid_length=None
+        self,
+        token_ids,
+        cache,
+        cache_update_index,
+        valid_length=None,
+        extend=False,
     ):
         """One decoding pass over `token_ids` with per-layer KV caches.
 
-        One token is a decode step at position `cache_update_index`; several
-        tokens are a prefill from position 0 that keeps its first
-        `valid_length` positions in the (new) caches. On PyTorch without
-        gradients a decode step updates the caches in place.
+        One token is a decode step at position `cache_update_index` (a
+        scalar, or `[batch]` positions, one per row); several tokens are a
+        prefill from position 0 that keeps its first `valid_length`
+        positions (a scalar or one per row) in the (new) caches, or with
+        `extend=True` continue the caches from `cache_update_index`. On
+        PyTorch without gradients a decode step updates the caches in place.
 
         Args:
             token_ids: `[batch, length]` int tensor.
@@ -196,13 +203,18 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
                 local layers a ring of their window.
             cache_update_index: int or int tensor.
             valid_length: int or int tensor, for a prefill.
+            extend: bool. Several tokens continue the caches.
 
         Returns:
             `(logits, hidden_states, cache)`.
         """
         x = self.backbone.embed(token_ids)
         hidden_states, cache = self.backbone.decode(
-            x, cache, cache_update_index, valid_length=valid_length
+            x,
+            cache,
+            cache_update_index,
+            valid_length=valid_length,
+            extend=extend,
         )
         logits = self.backbone.logits(hidden_states)
         return logits, hidden_states, tuple(cache)

@@ -10,7 +10,9 @@ from keras import ops
 from keras_hub.layers import RotaryEmbedding
 
 from keras_gemma2.layers import direct
+from keras_gemma2.layers.attention_masks import causal_mask
 from keras_gemma2.layers.attention_masks import decoder_attention_mask
+from keras_gemma2.layers.attention_masks import sliding_window_mask
 from keras_gemma2.layers.einsum_dense import Gemma2EinsumDense
 
 # Finite, so that a fully masked row (a padded query) gives a uniform softmax
@@ -143,6 +145,7 @@ class Gemma2Attention(keras.layers.Layer):
         cache=None,
         cache_update_index=0,
         valid_length=None,
+        extend=False,
         training=False,
     ):
         """Attends; returns `(output, cache)`.
@@ -158,11 +161,19 @@ class Gemma2Attention(keras.layers.Layer):
                 num_key_value_heads, head_dim]`: a ring that holds position
                 `p` at slot `p % capacity`. A global layer's capacity is the
                 generation length; a local layer's is at most its window.
-            cache_update_index: int or int tensor. With a cache and one
-                token, the position of that token (a decode step).
-            valid_length: int or int tensor. With a cache and several tokens
-                (a prefill from position 0), how many leading positions are
-                written to the cache. Defaults to all of them.
+            cache_update_index: int, int tensor or `[batch]` int tensor.
+                With a cache and one token, the position of that token (a
+                decode step); a `[batch]` tensor puts each row at its own
+                position. With `extend=True`, the position of the first of
+                several tokens.
+            valid_length: int, int tensor or `[batch]` int tensor. With a
+                cache and several tokens (a prefill from position 0), how
+                many leading positions are written to the cache. Defaults to
+                all of them.
+            extend: bool. With a cache and several tokens, they continue
+                the cached sequence from `cache_update_index` instead of
+                starting it: they attend to the cached positions and to each
+                other, and are all written to the cache.
             training: bool.
 
         A decode step writes its key and value in place of the oldest slot
@@ -175,19 +186,19 @@ class Gemma2Attention(keras.layers.Layer):
         # An int when traced with a known length; None or symbolic otherwise.
         length = x.shape[1]
         decoding = cache is not None and isinstance(length, int) and length == 1
-        start = cache_update_index if decoding else 0
+        extend = extend and cache is not None and not decoding
+        start = cache_update_index if decoding or extend else 0
+        rope = _rope_arguments(start, ops.shape(x)[1])
         # [b, t, n, h]
-        query = direct.call(
-            self.rotary, direct.call(self.query, x), start_index=start
-        )
+        query = direct.call(self.rotary, direct.call(self.query, x), **rope)
         query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
         # [b, t, k, h]
-        key = direct.call(
-            self.rotary, direct.call(self.key, x), start_index=start
-        )
+        key = direct.call(self.rotary, direct.call(self.key, x), **rope)
         value = direct.call(self.value, x)
         if decoding:
             return self._decode_step(query, key, value, cache, start)
+        if extend:
+            return self._extend(query, key, value, cache, start)
         if attention_mask is not None:
             out = self._attend(query, key, value, attention_mask, training)
         else:
@@ -312,24 +323,70 @@ class Gemma2Attention(keras.layers.Layer):
         return self._output(ops.concatenate(outputs, axis=1))
 
     def _decode_step(self, query, key, value, cache, index):
-        """One token at position `index`: write the ring, read `capacity`."""
+        """One token at position `index` (a scalar, or `[batch]`: one
+        position per row): write the ring, read `capacity`."""
         key_cache, value_cache = cache
         capacity = key_cache.shape[1]
         index = ops.cast(index, "int32")
         slot = index % capacity
         key_cache = _write_slot(key_cache, key, slot)
         value_cache = _write_slot(value_cache, value, slot)
-        # The position held by each slot once `index` is written: the latest
-        # p <= index with p % capacity == slot; negative = never written.
-        slots = ops.arange(capacity, dtype="int32")
-        positions = index - (index - slots) % capacity
+        # [1 or b, capacity]: the position each slot holds once `index` is
+        # written.
+        positions = _slot_positions(index, capacity)
         valid = positions >= 0
         if self.sliding_window_size is not None:
             valid = ops.logical_and(
-                valid, index - positions < self.sliding_window_size
+                valid,
+                ops.reshape(index, (-1, 1)) - positions
+                < self.sliding_window_size,
             )
-        mask = ops.reshape(valid, (1, 1, capacity))
+        mask = ops.expand_dims(valid, 1)
         out = self._attend(query, key_cache, value_cache, mask)
+        return out, (key_cache, value_cache)
+
+    def _extend(self, query, key, value, cache, start):
+        """Tokens at `start, start + 1, ...` after the cached positions.
+
+        They attend to the ring as it was (the positions before `start`)
+        and to each other, then all are written: writing first would let a
+        later token overwrite a slot an earlier one still needs.
+        """
+        key_cache, value_cache = cache
+        capacity = key_cache.shape[1]
+        length = query.shape[1]
+        start = ops.cast(start, "int32")
+        # [1 or b, 1]
+        first = ops.reshape(start, (-1, 1))
+        # [1 or b, capacity]: the positions the ring holds before `start`.
+        cached = _slot_positions(start - 1, capacity)
+        # [1 or b, t]
+        new = first + ops.expand_dims(ops.arange(length, dtype="int32"), 0)
+        # [1 or b, t, capacity + t]
+        key_positions = ops.concatenate([cached, new], axis=-1)
+        if self.sliding_window_size is None:
+            mask = causal_mask(new, key_positions)
+        else:
+            mask = sliding_window_mask(
+                new, key_positions, self.sliding_window_size
+            )
+        mask = ops.logical_and(mask, ops.expand_dims(key_positions >= 0, 1))
+        out = self._attend(
+            query,
+            ops.concatenate([key_cache, key], axis=1),
+            ops.concatenate([value_cache, value], axis=1),
+            mask,
+        )
+        # The last `capacity` new positions (earlier ones would be
+        # overwritten within this write), one slot each.
+        for offset in range(max(length - capacity, 0), length):
+            slot = (start + offset) % capacity
+            key_cache = _write_slot(
+                key_cache, key[:, offset : offset + 1], slot
+            )
+            value_cache = _write_slot(
+                value_cache, value[:, offset : offset + 1], slot
+            )
         return out, (key_cache, value_cache)
 
     def get_config(self):
@@ -354,9 +411,33 @@ def _heads_last(x):
     return ops.transpose(x, (0, 3, 1, 2, 4))
 
 
+def _rope_arguments(start, length):
+    """RoPE's arguments for tokens at `start ...`: one start for all rows,
+    or `[batch, length]` positions when each row has its own start."""
+    if _is_per_row(start):
+        steps = ops.expand_dims(ops.arange(length, dtype="int32"), 0)
+        return {"positions": ops.expand_dims(start, 1) + steps}
+    return {"start_index": start}
+
+
+def _is_per_row(index):
+    """Whether `index` (an int, scalar or `[batch]` tensor) is per row."""
+    return len(getattr(index, "shape", ())) == 1
+
+
+def _slot_positions(index, capacity):
+    """`[1 or batch, capacity]`: the position each ring slot holds once
+    `index` (a scalar or `[batch]`) is written: the latest `p <= index`
+    with `p % capacity == slot`; negative where never written."""
+    index = ops.reshape(ops.cast(index, "int32"), (-1, 1))
+    slots = ops.expand_dims(ops.arange(capacity, dtype="int32"), 0)
+    return index - ops.mod(index - slots, capacity)
+
+
 def _fill_ring(key, value, cache, valid_length):
     """A new ring cache holding the last `capacity` of the first
-    `valid_length` positions of `key`/`value` (`[b, t, k, h]`).
+    `valid_length` positions (a scalar or one per row) of `key`/`value`
+    (`[b, t, k, h]`).
 
     Later positions of a bucketed prefill are left out: in a ring they would
     overwrite slots still inside the window of the next decode step.
@@ -364,31 +445,44 @@ def _fill_ring(key, value, cache, valid_length):
     capacity = cache[0].shape[1]
     length = ops.shape(key)[1]
     last = (length if valid_length is None else valid_length) - 1
-    last = ops.cast(last, "int32")
-    slots = ops.arange(capacity, dtype="int32")
-    # Slot s holds the latest position p <= last with p % capacity == s;
-    # slots never written (p < 0) take position 0 and stay masked.
-    positions = ops.maximum(last - ops.mod(last - slots, capacity), 0)
+    # Slots never written (p < 0) take position 0 and stay masked.
+    positions = ops.maximum(_slot_positions(last, capacity), 0)
+    if not _is_per_row(last):
+        return (
+            ops.take(key, positions[0], axis=1),
+            ops.take(value, positions[0], axis=1),
+        )
+    positions = positions[:, :, None, None]
     return (
-        ops.take(key, positions, axis=1),
-        ops.take(value, positions, axis=1),
+        ops.take_along_axis(key, positions, axis=1),
+        ops.take_along_axis(value, positions, axis=1),
     )
 
 
 def _write_slot(cache, update, slot):
-    """Writes `update` (`[b, 1, k, h]`) at `slot` of `cache` (`[b, c, k, h]`).
+    """Writes `update` (`[b, 1, k, h]`) at `slot` of `cache` (`[b, c, k, h]`):
+    one slot for every row, or a `[b]` slot per row.
 
     On PyTorch without gradients (generation) the slot is copied in place:
     Keras' `slice_update` clones the whole cache on torch, every step.
     """
+    per_row = _is_per_row(slot)
     if keras.config.backend() == "torch":
         # torch: an optional dependency, imported on its backend only
         import torch
 
         if not torch.is_grad_enabled():
-            index = torch.as_tensor(slot, device=cache.device)
-            cache.index_copy_(1, index.reshape(1).long(), update)
+            index = torch.as_tensor(slot, device=cache.device).long()
+            if per_row:
+                rows = torch.arange(cache.shape[0], device=cache.device)
+                cache.index_put_((rows, index), update[:, 0])
+            else:
+                cache.index_copy_(1, index.reshape(1), update)
             return cache
+    if per_row:
+        rows = ops.arange(ops.shape(cache)[0], dtype="int32")
+        indices = ops.stack([rows, ops.cast(slot, "int32")], axis=1)
+        return ops.scatter_update(cache, indices, update[:, 0])
     return ops.slice_update(cache, [0, slot, 0, 0], update)
 
 

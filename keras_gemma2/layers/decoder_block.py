@@ -163,6 +163,7 @@ class Gemma2DecoderBlock(keras.layers.Layer):
         cache=None,
         cache_update_index=0,
         valid_length=None,
+        extend=False,
         training=False,
     ):
         """Runs the block; returns `x`, or `(x, cache)` with a cache.
@@ -177,6 +178,8 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             cache_update_index: int or int tensor. Position of a decode step.
             valid_length: int or int tensor. Leading prefill positions to
                 keep in the cache; defaults to all.
+            extend: bool. Several tokens continue the cache from
+                `cache_update_index` (see `Gemma2Attention`).
         """
         x = ops.cast(x, self.compute_dtype)
         h = direct.call(self.pre_attention_norm, x)
@@ -187,6 +190,7 @@ class Gemma2DecoderBlock(keras.layers.Layer):
             cache=cache,
             cache_update_index=cache_update_index,
             valid_length=valid_length,
+            extend=extend,
             training=training,
         )
         if self.post_attention_norm is not None:

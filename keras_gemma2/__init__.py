@@ -16,17 +16,21 @@ _SUBMODULES = (
     "architectures",
     "callbacks",
     "data",
+    "generation",
     "layers",
     "lora",
     "merging",
     "presets",
     "rag",
+    "sampling",
+    "structured",
 )
 # Public name -> the module that defines it.
 _NAMES = {
     "Gemma2Backbone": "keras_gemma2.backbone",
     "Gemma2CausalLM": "keras_gemma2.causal_lm",
     "Gemma2CausalLMPreprocessor": "keras_gemma2.causal_lm_preprocessor",
+    "ChatSession": "keras_gemma2.chat",
     "format_chat": "keras_gemma2.chat",
     "Gemma2Distiller": "keras_gemma2.distillation",
     "Gemma2Attention": "keras_gemma2.layers.attention",

@@ -8,6 +8,7 @@ from keras_hub.models import CausalLM
 
 from keras_gemma2 import data
 from keras_gemma2 import generation
+from keras_gemma2.generation import api as generation_api
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.causal_lm_preprocessor import Gemma2CausalLMPreprocessor
@@ -235,26 +236,40 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
     def _prefill(self, prefill_ids, valid_length, max_length):
         return self._build_cache(prefill_ids, max_length, valid_length)[1]
 
-    def _decode_loop(self, *args, stop_token_ids=None):
-        return generation.decode_loop(self, *args, stop_token_ids)
+    def _decode_step(self, token_ids, positions, cache, arrays, **static):
+        return generation.decode_and_sample(
+            self, token_ids, positions, cache, arrays, **static
+        )
 
-    def _generation_functions(self):
-        """The compiled prefill and decoding loop, made once per sampler."""
+    def _extend(self, token_ids, cache, start):
+        return self.call_with_cache(token_ids, cache, start, extend=True)[2]
+
+    def _engine_functions(self):
+        """The engine's compiled prefill, step and extension, made once per
+        `compile`: shared by every `Engine` of this model."""
         if self._compiled_generation is None:
             self._compiled_generation = {
                 "prefill": generation.compile_function(
                     self, self._prefill, static_argnames=("max_length",)
                 ),
-                "loop": generation.compile_function(
+                "step": generation.compile_function(
                     self,
-                    self._decode_loop,
-                    static_argnames=("stop_token_ids",),
+                    self._decode_step,
+                    static_argnames=(
+                        "features",
+                        "top_logprobs",
+                        "custom_sampler",
+                    ),
                 ),
+                "extend": generation.compile_function(self, self._extend),
             }
         return self._compiled_generation
 
     def generate_step(self, inputs, stop_token_ids=None):
-        """Generates one batch of `token_ids`/`padding_mask` (compilable).
+        """Generates one batch by KerasHub's sampler loop (compilable).
+
+        Used for beam and contrastive search (and KerasHub's own
+        `generate`); every other sampler runs on the engine.
 
         `inputs` may also hold `prefill_ids` (the leading tokens to prefill
         over, a bucket at least as long as the shortest prompt; defaults to
@@ -270,27 +285,14 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         if limits is None:
             limits = ops.full((batch_size,), length, dtype="int32")
         hidden_states, cache = self._build_cache(prefill_ids, length, index)
-        if generation.picks_one_token_per_step(self.sampler):
-            token_ids, _, _, _ = generation.decode_loop(
-                self,
-                token_ids,
-                prompt_mask,
-                cache,
-                index,
-                ops.zeros((batch_size,), dtype="bool"),
-                limits,
-                length,
-                stop_token_ids,
-            )
-        else:
-            token_ids = self._search(
-                token_ids,
-                prompt_mask,
-                cache,
-                index,
-                hidden_states,
-                stop_token_ids,
-            )
+        token_ids = self._search(
+            token_ids,
+            prompt_mask,
+            cache,
+            index,
+            hidden_states,
+            stop_token_ids,
+        )
         return {
             "token_ids": token_ids,
             "padding_mask": generation.output_mask(
@@ -337,8 +339,20 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         stop_token_ids="auto",
         strip_prompt=False,
         stream=False,
+        *,
+        stop=None,
+        return_details=False,
+        json_schema=None,
+        grammar=None,
+        params=None,
+        **controls,
     ):
         """Generates text (or token ids) from prompts.
+
+        Every prompt is a sequence of the generation engine
+        (`keras_gemma2.generation.Engine`) with its own position, settings
+        and random stream: a seeded prompt gives the same text alone or in
+        a batch.
 
         Args:
             inputs: a string, a list of strings, or a dict with `token_ids`
@@ -353,18 +367,42 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
                 (never stop early) or a sequence of ids.
             strip_prompt: bool. Return only the generated continuation.
             stream: bool. Return an iterator that yields the continuation of
-                one string prompt as text pieces, while they are sampled
-                (greedy, top-k, top-p or random sampling).
+                one string prompt as text pieces, while they are sampled.
+                Text that may begin a stop string is held back until the
+                next tokens settle it.
+            stop: a string or list of strings. Generation stops when the
+                text contains one (also across several tokens); it is left
+                out of the text.
+            return_details: bool. Return a
+                `keras_gemma2.generation.GenerationResult` per prompt: the
+                text, token ids, finish reason (`"stop"` or `"length"`) and
+                the log-probability of each token.
+            json_schema: a JSON schema (dict or string). The text follows
+                it (through llguidance, `keras_gemma2.structured`); a schema
+                it rejects fails before generating.
+            grammar: a Lark grammar string (or `"regex:PATTERN"`), instead
+                of `json_schema`.
+            params: a `keras_gemma2.sampling.SamplingParams`, or a list with
+                one per prompt (per-row settings in one batch).
+            **controls: sampling controls for every prompt, over the
+                compiled sampler's: `temperature` (0 is greedy), `top_k`,
+                `top_p`, `min_p`, `repetition_penalty` (transformers'
+                form), `presence_penalty` and `frequency_penalty`
+                (OpenAI's), `logit_bias` (`{token_id: bias}`), `seed` and
+                `top_logprobs` (up to 20 alternatives per token, with
+                `return_details`). On a greedy model, `top_k`, `top_p`,
+                `min_p` or `seed` alone sample at temperature 1.
 
         Returns:
             A string or list of strings; for dict inputs, a dict of numpy
             `token_ids` and `padding_mask`; with `stream=True`, an iterator
-            of strings.
+            of strings; with `return_details=True`, `GenerationResult`s.
 
         The prompt is prefilled over its own length (rounded up to a bucket)
-        and the decoding loop is compiled once per bucket of lengths, so
-        repeated calls, and a chat whose prompt grows each turn, do not
-        recompile for every new length.
+        and the engine's step is compiled once per batch size and bucket of
+        lengths, so repeated calls, and a chat whose prompt grows each turn,
+        do not recompile for every new length. Beam and contrastive search
+        run KerasHub's sampler loop; they take none of the engine's options.
 
         Example:
         ```python
@@ -373,238 +411,35 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         for piece in lm.generate("The tokenizer", max_new_tokens=8,
                                  stream=True):
             print(piece, end="", flush=True)
+        result = lm.generate(
+            "The tokenizer", max_new_tokens=8, temperature=0.8, top_p=0.9,
+            seed=1, stop=["\n"], return_details=True,
+        )
+        result.text, result.finish_reason, result.logprobs
         ```
         """
-        if max_length is not None and max_new_tokens is not None:
-            raise ValueError(
-                "Pass either `max_length` (total length, prompt included) or "
-                "`max_new_tokens`, not both."
-            )
-        for name, value in (
-            ("max_length", max_length),
-            ("max_new_tokens", max_new_tokens),
-        ):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(
-                    f"`{name}` must be a positive int; got {value!r}."
-                )
-        if stop_token_ids == "auto":
-            if self.preprocessor is None:
-                raise ValueError(
-                    "`stop_token_ids='auto'` needs a preprocessor to know the "
-                    "tokenizer. Pass the ids of `<eos>` and `<end_of_turn>` "
-                    "(`stop_token_ids=(1, 107)` in Gemma's vocabulary) or "
-                    "`None`."
-                )
-            stop_token_ids = self.preprocessor.tokenizer.stop_token_ids
-        if stop_token_ids is not None:
-            stop_token_ids = tuple(int(i) for i in stop_token_ids)
-
-        if stream:
-            return self._check_stream(
-                inputs, max_length, max_new_tokens, stop_token_ids
-            )
-        if _is_dataset(inputs):
-            if max_new_tokens is not None:
-                raise ValueError(
-                    "`max_new_tokens` is not supported for a tf.data.Dataset; "
-                    "pass `max_length`."
-                )
-            return super().generate(
-                inputs,
-                max_length=max_length,
-                stop_token_ids=stop_token_ids,
-                strip_prompt=strip_prompt,
-            )
-        if isinstance(inputs, dict):
-            batch = _check_token_dict(inputs)
-            generation.check_token_ids(
-                batch["token_ids"], self.backbone.vocabulary_size
-            )
-            outputs = self._generate_batch(
-                batch, stop_token_ids, max_new_tokens, strip_prompt
-            )
-            return outputs
-
-        prompts, is_scalar = _check_prompts(inputs)
-        batch = self._tokenize_prompts(prompts, max_length, max_new_tokens)
-        outputs = self._generate_batch(
-            batch, stop_token_ids, max_new_tokens, strip_prompt
+        options = dict(
+            stop=stop,
+            return_details=return_details,
+            json_schema=json_schema,
+            grammar=grammar,
+            params=params,
+            **controls,
         )
-        texts = _to_strings(self.preprocessor.generate_postprocess(outputs))
-        return texts[0] if is_scalar else texts
-
-    def _check_stream(self, inputs, max_length, max_new_tokens, stop_ids):
-        """Validates a `stream=True` call, then returns its iterator."""
-        if not isinstance(inputs, (str, bytes)):
-            raise ValueError(
-                "`stream=True` streams the continuation of one prompt: pass "
-                f"a single string, not {type(inputs).__name__}. Call "
-                "`generate` without `stream` for a batch."
-            )
-        if not generation.picks_one_token_per_step(self.sampler):
-            raise ValueError(
-                f"`stream=True` needs a sampler that picks each token as it "
-                f"goes (greedy, top_k, top_p, random); "
-                f"{type(self.sampler).__name__} decides the tokens only at "
-                "the end. `compile(sampler='greedy')` or drop `stream`."
-            )
-        prompts, _ = _check_prompts(inputs)
-        batch = self._tokenize_prompts(prompts, max_length, max_new_tokens)
-        return self._stream(batch, stop_ids, max_new_tokens)
-
-    def _tokenize_prompts(self, prompts, max_length, max_new_tokens):
-        """Numpy `token_ids`/`padding_mask` of string prompts, checked."""
-        if self.preprocessor is None:
-            raise ValueError(
-                "This model has no preprocessor, so it cannot tokenize "
-                "strings. Pass a dict of `token_ids` and `padding_mask`, or "
-                "attach a `Gemma2CausalLMPreprocessor`."
-            )
-        prompt_lengths = self._prompt_lengths(prompts)
-        longest = max(prompt_lengths)
-        if max_new_tokens is not None:
-            max_length = longest + max_new_tokens
-        elif max_length is None:
-            max_length = self.preprocessor.sequence_length
-        if longest >= max_length:
-            raise ValueError(
-                f"A prompt has {longest} tokens (with <bos>) but max_length is "
-                f"{max_length}, which leaves no room to generate. Pass a "
-                "larger `max_length`, or `max_new_tokens=N` to size it to "
-                "the prompt."
-            )
-        batch = self.preprocessor.generate_preprocess(
-            prompts, sequence_length=max_length
-        )
-        return {k: ops.convert_to_numpy(v) for k, v in batch.items()}
-
-    def _prompt_lengths(self, prompts):
-        """Token counts of the prompts, `<bos>` included."""
-        token_ids = self.preprocessor.tokenizer(prompts)
-        return [len(_to_list(ids)) + 1 for ids in token_ids]
-
-    def _generate_batch(
-        self, batch, stop_token_ids, max_new_tokens, strip_prompt
-    ):
-        """Generates one batch of numpy `token_ids`/`padding_mask`."""
-        state = self._start_generation(batch, max_new_tokens)
-        if generation.picks_one_token_per_step(self.sampler):
-            state = self._continue_generation(state, stop_token_ids)
-            token_ids = state["token_ids"]
-            padding_mask = generation.output_mask(
-                token_ids, state["prompt_mask"], stop_token_ids, state["limits"]
-            )
-        else:
-            outputs = self.make_generate_function()(
-                {
-                    "token_ids": state["token_ids"],
-                    "padding_mask": state["prompt_mask"],
-                    "prefill_ids": state["token_ids"][:, : state["prefill"]],
-                    "limits": state["limits"],
-                },
-                stop_token_ids=stop_token_ids,
-            )
-            # generate_step's own output mask.
-            token_ids, padding_mask = (
-                outputs["token_ids"],
-                outputs["padding_mask"],
-            )
-        length = state["length"]
-        token_ids = ops.convert_to_numpy(token_ids)[:, :length]
-        padding_mask = ops.convert_to_numpy(padding_mask)[:, :length]
-        if strip_prompt:
-            for row, size in enumerate(state["prompt_lengths"]):
-                token_ids[row] = np.roll(token_ids[row], -size)
-                padding_mask[row] = np.roll(padding_mask[row], -size)
-                padding_mask[row, token_ids.shape[1] - size :] = False
-        return {"token_ids": token_ids, "padding_mask": padding_mask}
-
-    def _start_generation(self, batch, max_new_tokens):
-        """Pads a numpy batch to its bucket and runs the prefill.
-
-        Returns the state `_continue_generation` advances: numpy
-        `token_ids`, `prompt_mask`, `limits` and the caches, `index` (the
-        next position), `done` rows.
-        """
-        token_ids = np.asarray(batch["token_ids"], "int32")
-        prompt_mask = np.asarray(batch["padding_mask"]).astype(bool)
-        prompt_lengths = prompt_mask.sum(axis=-1)
-        if prompt_lengths.min() < 1:
-            raise ValueError(
-                "Every prompt needs at least one token (`<bos>`); a row of "
-                "`padding_mask` is all zeros."
-            )
-        length = token_ids.shape[1]
-        limits = np.full(len(token_ids), length, "int32")
-        if max_new_tokens is not None:
-            length = max(length, int(prompt_lengths.max()) + max_new_tokens)
-            limits = (prompt_lengths + max_new_tokens).astype("int32")
-        # Compile for buckets of lengths, not for every prompt and budget.
-        total = generation.bucket_length(length)
-        extra = [(0, 0), (0, total - token_ids.shape[1])]
-        token_ids = np.pad(token_ids, extra)
-        prompt_mask = np.pad(prompt_mask, extra)
-        start = int(prompt_lengths.min())
-        prefill = min(generation.bucket_length(start), total)
-        state = {
-            "token_ids": token_ids,
-            "prompt_mask": prompt_mask,
-            "limits": limits,
-            "length": length,
-            "prompt_lengths": prompt_lengths,
-            "prefill": prefill,
-            "index": start,
-        }
-        if generation.picks_one_token_per_step(self.sampler):
-            functions = self._generation_functions()
-            state["cache"] = functions["prefill"](
-                ops.convert_to_tensor(token_ids[:, :prefill]),
-                ops.convert_to_tensor(start, "int32"),
-                max_length=total,
-            )
-            state["done"] = np.zeros(len(token_ids), bool)
-        return state
-
-    def _continue_generation(self, state, stop_token_ids, steps=None):
-        """Runs the compiled loop for up to `steps` more positions."""
-        total = state["token_ids"].shape[1]
-        stop_at = total if steps is None else min(total, state["index"] + steps)
-        token_ids, cache, index, done = self._generation_functions()["loop"](
-            ops.convert_to_tensor(state["token_ids"]),
-            ops.convert_to_tensor(state["prompt_mask"]),
-            state["cache"],
-            ops.convert_to_tensor(state["index"], "int32"),
-            ops.convert_to_tensor(state["done"]),
-            ops.convert_to_tensor(state["limits"]),
-            ops.convert_to_tensor(stop_at, "int32"),
+        return generation_api.generate(
+            self,
+            inputs,
+            max_length=max_length,
+            max_new_tokens=max_new_tokens,
             stop_token_ids=stop_token_ids,
+            strip_prompt=strip_prompt,
+            stream=stream,
+            **options,
         )
-        return {
-            **state,
-            "token_ids": ops.convert_to_numpy(token_ids),
-            "cache": cache,
-            "index": int(ops.convert_to_numpy(index)),
-            "done": ops.convert_to_numpy(done),
-        }
 
-    def _stream(self, batch, stop_token_ids, max_new_tokens):
-        """Yields the text of one prompt's continuation as it is sampled."""
-        state = self._start_generation(batch, max_new_tokens)
-        stream = generation.TextStream(self.preprocessor.tokenizer)
-        stops = set(stop_token_ids or ())
-        length = state["length"]
-        while state["index"] < length and not state["done"].all():
-            index = state["index"]
-            state = self._continue_generation(state, stop_token_ids, steps=1)
-            token = int(state["token_ids"][0, index])
-            if state["prompt_mask"][0, index]:
-                continue
-            if token in stops:
-                return
-            text = stream.push([token])
-            if text:
-                yield text
+    def _keras_hub_generate(self, inputs, **kwargs):
+        """KerasHub's own `generate` (for beam search over a dataset)."""
+        return super().generate(inputs, **kwargs)
 
     # --- fit --------------------------------------------------------------
 
@@ -668,12 +503,12 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         if isinstance(inputs, (str, list, tuple)) and (
             isinstance(inputs, str) or all(isinstance(p, str) for p in inputs)
         ):
-            prompts, is_scalar = _check_prompts(inputs)
+            prompts, is_scalar = generation_api.check_prompts(inputs)
             if self.preprocessor is None:
                 raise ValueError(
                     "Scoring strings needs a preprocessor; pass token ids."
                 )
-            length = max(self._prompt_lengths(prompts))
+            length = max(map(len, generation_api.tokenize_prompts(self, prompts)))
             batch = self.preprocessor.generate_preprocess(
                 prompts, sequence_length=length
             )
@@ -748,75 +583,3 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         return to_huggingface.export_to_transformers(
             self, path, dtype=dtype, overwrite=overwrite
         )
-
-
-def _is_dataset(inputs):
-    # TensorFlow may be absent: then `inputs` is no tf.data.Dataset
-    try:
-        import tensorflow as tf
-    except ImportError:
-        return False
-    return isinstance(inputs, tf.data.Dataset)
-
-
-def _check_prompts(inputs):
-    """Returns `(list_of_strings, is_scalar)` or raises a TypeError."""
-    if isinstance(inputs, bytes):
-        inputs = inputs.decode("utf-8")
-    if isinstance(inputs, str):
-        return [inputs], True
-    if hasattr(inputs, "numpy") and not isinstance(inputs, np.ndarray):
-        inputs = inputs.numpy()
-    if isinstance(inputs, np.ndarray) and inputs.dtype.kind in "SUO":
-        if inputs.ndim == 0:
-            return _check_prompts(inputs.item())
-        inputs = inputs.tolist()
-    if isinstance(inputs, (list, tuple)) and inputs:
-        prompts = [
-            p.decode("utf-8") if isinstance(p, bytes) else p for p in inputs
-        ]
-        if all(isinstance(p, str) for p in prompts):
-            return prompts, False
-        bad = next(p for p in prompts if not isinstance(p, str))
-        raise TypeError(
-            "Prompts must be strings; found an element of type "
-            f"{type(bad).__name__} ({bad!r}). Pass a string, a list of "
-            "strings, or a dict with `token_ids` and `padding_mask`."
-        )
-    raise TypeError(
-        "`generate()` takes a string, a non-empty list of strings, or a dict "
-        f"with `token_ids` and `padding_mask`; got {type(inputs).__name__}."
-    )
-
-
-def _check_token_dict(inputs):
-    """Validates a `token_ids`/`padding_mask` dict; returns numpy arrays."""
-    if "token_ids" not in inputs:
-        raise ValueError(
-            "A dict prompt needs `token_ids` (and `padding_mask`); got keys "
-            f"{sorted(inputs)}."
-        )
-    token_ids = np.asarray(inputs["token_ids"])
-    if token_ids.ndim == 1:
-        token_ids = token_ids[None, :]
-    padding_mask = inputs.get("padding_mask")
-    padding_mask = (
-        np.ones_like(token_ids)
-        if padding_mask is None
-        else np.asarray(padding_mask).reshape(token_ids.shape)
-    )
-    return {"token_ids": token_ids, "padding_mask": padding_mask}
-
-
-def _to_list(ids):
-    if hasattr(ids, "numpy"):
-        ids = ids.numpy()
-    return list(np.asarray(ids).reshape(-1))
-
-
-def _to_strings(texts):
-    if hasattr(texts, "numpy"):
-        texts = texts.numpy()
-    if isinstance(texts, np.ndarray):
-        texts = texts.tolist()
-    return [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]

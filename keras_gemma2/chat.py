@@ -123,12 +123,141 @@ def format_chat(messages, add_generation_prompt=True, tokenizer=None):
     return "".join(turns)
 
 
+class ChatSession:
+    """A conversation whose caches persist between turns.
+
+    Each turn prefills only its new tokens (the end of the last reply's
+    turn, the user's message and the turn markers): the engine keeps the
+    conversation's caches, and every local layer's ring holds exactly the
+    last window of it. The replies equal those of re-running the whole
+    conversation each turn.
+
+    Args:
+        lm: a `Gemma2CausalLM` with a preprocessor whose vocabulary holds
+            the turn markers.
+        system: optional text prepended to the first user message.
+        max_length: int. The longest conversation, in tokens. Defaults to
+            4096.
+        max_new_tokens: int. The longest reply. Defaults to 256.
+        **controls: sampling controls of `generate` (`temperature`,
+            `top_p`, `seed`, ...), for every reply.
+
+    Example:
+    ```python
+    lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+    session = keras_gemma2.ChatSession(lm, max_new_tokens=8)
+    reply = session.send("What is a tokenizer?")
+    for piece in session.stream("And a vocabulary?"):
+        print(piece, end="")
+    session.prefilled  # tokens the second turn ran: only its new ones
+    session.reset()  # forgets the conversation, frees its caches
+    ```
+    """
+
+    def __init__(
+        self, lm, system=None, max_length=4096, max_new_tokens=256, **controls
+    ):
+        # The engine and the sampling module sit above this module.
+        from keras_gemma2.generation import Engine
+        from keras_gemma2.generation import api
+
+        tokenizer = lm.preprocessor.tokenizer
+        check_tokenizer(tokenizer)
+        self.lm = lm
+        self.system = system
+        self.max_new_tokens = max_new_tokens
+        self.params = api.resolve_params(lm, None, controls)
+        if self.params is None:
+            raise ValueError(
+                f"A chat needs a sampler that picks each token as it goes; "
+                f"{type(lm.sampler).__name__} does not. "
+                "`compile(sampler='greedy')` first."
+            )
+        self.engine = Engine(lm, max_batch=1, max_length=max_length)
+        self.messages = []
+        self.prefilled = 0
+        self._sequence = None
+
+    def send(self, message):
+        """Adds a user message; returns the model's reply."""
+        return "".join(self.stream(message))
+
+    def stream(self, message):
+        """Adds a user message; yields the reply's text as it is sampled."""
+        from keras_gemma2.generation import Sequence
+
+        sequence = Sequence(
+            self._prompt_ids(message),
+            max_new_tokens=self.max_new_tokens,
+            params=self.params,
+            stop_token_ids=self.lm.preprocessor.tokenizer.stop_token_ids,
+            tokenizer=self.lm.preprocessor.tokenizer,
+            stream=True,
+        )
+        free = self.engine.max_length - len(sequence.prompt_ids)
+        if free < 1:
+            raise ValueError(
+                f"The conversation has {len(sequence.prompt_ids)} tokens, "
+                f"the session's `max_length` of {self.engine.max_length}: "
+                "`reset()` it, or make the session with a larger "
+                "`max_length`."
+            )
+        before = self.engine.prefilled_tokens
+        previous, self._sequence = self._sequence, sequence
+        self.engine.add([sequence], reuse=previous)
+        # The prompt's last token runs in the first decode step.
+        self.prefilled = self.engine.prefilled_tokens - before + 1
+        self.messages.append({"role": "user", "content": message})
+        reply = []
+        while not sequence.finished:
+            for _, piece in self.engine.step():
+                if piece:
+                    reply.append(piece)
+                    yield piece
+        self.messages.append({"role": "model", "content": "".join(reply)})
+
+    def reset(self):
+        """Forgets the conversation and frees its caches."""
+        if self._sequence is not None:
+            self.engine.remove(self._sequence)
+        self._sequence = None
+        self.engine.cache = None
+        self.messages = []
+
+    def _prompt_ids(self, message):
+        """The conversation's ids so far, then this turn's."""
+        if not isinstance(message, str) or not message.strip():
+            raise ValueError(
+                f"A chat message must be a non-empty string; got {message!r}."
+            )
+        tokenizer = self.lm.preprocessor.tokenizer
+        if self._sequence is None:
+            history = [{"role": "user", "content": message}]
+            if self.system:
+                history.insert(0, {"role": "system", "content": self.system})
+            text = format_chat(history)
+            return [tokenizer.start_token_id] + _ids(tokenizer, text)
+        ids = list(self._sequence.ids)
+        # A reply cut short, or ended by <eos>, still closes its turn.
+        if ids[-1] != tokenizer.end_of_turn_token_id:
+            if ids[-1] in tokenizer.stop_token_ids:
+                ids = ids[:-1]
+            ids.append(tokenizer.end_of_turn_token_id)
+        turn = format_chat([{"role": "user", "content": message}])
+        return ids + _ids(tokenizer, "\n" + turn)
+
+
+def _ids(tokenizer, text):
+    return [int(i) for i in tokenizer.tokenize(text)]
+
+
 def chat(lm, input_fn=input, output=None, max_new_tokens=256, system=None):
     """An interactive chat: reads user turns, streams the model's replies.
 
     Ends at end of input or on `/exit`; `/reset` forgets the conversation.
     A vocabulary without the turn markers is refused before the first turn.
-    Prompts are bucketed by `generate`, so turns do not recompile.
+    The conversation's caches are kept between turns (`ChatSession`), so a
+    turn prefills only its own tokens.
 
     Args:
         lm: a `Gemma2CausalLM` with a preprocessor.
@@ -141,8 +270,7 @@ def chat(lm, input_fn=input, output=None, max_new_tokens=256, system=None):
         The conversation, a list of messages.
     """
     output = output or sys.stdout
-    check_tokenizer(lm.preprocessor.tokenizer)  # before the first turn
-    messages = []
+    session = ChatSession(lm, system=system, max_new_tokens=max_new_tokens)
     while True:
         try:
             text = input_fn()
@@ -151,22 +279,13 @@ def chat(lm, input_fn=input, output=None, max_new_tokens=256, system=None):
         if text.strip() == "/exit":
             break
         if text.strip() == "/reset":
-            messages = []
+            session.reset()
             continue
         if not text.strip():
             continue
-        messages.append({"role": "user", "content": text})
-        history = messages
-        if system:
-            history = [{"role": "system", "content": system}, *messages]
-        reply = []
-        for piece in lm.generate(
-            format_chat(history), max_new_tokens=max_new_tokens, stream=True
-        ):
-            reply.append(piece)
+        for piece in session.stream(text):
             output.write(piece)
             output.flush()
         output.write("\n")
         output.flush()
-        messages.append({"role": "model", "content": "".join(reply)})
-    return messages
+    return session.messages

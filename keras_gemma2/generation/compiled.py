@@ -1,12 +1,13 @@
-"""Generation machinery: bucketed shapes, compiled steps, text streaming.
+"""Compiled functions of the generation engine, and bucketed shapes.
 
-`Gemma2CausalLM.generate` runs two compiled functions: a prefill over the
-prompt (its length rounded up to a bucket, not the whole `max_length`) and a
-decoding loop that stops at a dynamic position. Both take the model's
-variables as arguments on JAX, are XLA-compiled on TensorFlow, and run under
-`torch.no_grad()` on PyTorch (where caches are then updated in place).
-Shapes are bucketed so that a chat, whose prompts grow by a few tokens each
-turn, compiles once per bucket and not once per message.
+The engine runs three compiled functions: a prefill over new prompts
+(their length rounded up to a bucket), a decode step that advances every
+row of the batch by one token, and an extension of a cached sequence by
+several tokens. Each takes the model's variables as arguments on JAX, is
+XLA-compiled on TensorFlow, and runs under `torch.no_grad()` on PyTorch
+(where caches are then updated in place). Shapes are bucketed so that a
+chat, whose prompts grow by a few tokens each turn, compiles once per
+bucket and not once per message.
 """
 
 import contextlib
@@ -212,73 +213,10 @@ def picks_one_token_per_step(sampler):
     return type(sampler).__call__ is Sampler.__call__
 
 
-def decode_loop(
-    model,
-    token_ids,
-    prompt_mask,
-    cache,
-    index,
-    done,
-    limits,
-    stop_at,
-    stop_token_ids=None,
-):
-    """Samples tokens at `index, index + 1, ...` until `stop_at` or all done.
-
-    KerasHub's `Sampler.__call__` loop, with two differences that let one
-    compiled loop serve bucketed lengths and streaming: it stops at a dynamic
-    position `stop_at` and at per-row `limits` (`max_new_tokens`), and it
-    carries `done` between calls.
-
-    Args:
-        model: the `Gemma2CausalLM`; its `sampler` picks the tokens.
-        token_ids: `[batch, length]` int32, prompts right-padded.
-        prompt_mask: `[batch, length]` bool, True on prompt tokens (kept).
-        cache: the per-layer caches after a prefill or an earlier call.
-        index: int32 scalar: the next position to fill.
-        done: `[batch]` bool: rows that stopped.
-        limits: `[batch]` int32: each row stops once it reaches this length.
-        stop_at: int32 scalar: return before filling this position.
-        stop_token_ids: tuple of ids that end a row, or None.
-
-    Returns:
-        `(token_ids, cache, index, done)`.
-    """
-    sampler = model.sampler
-
-    def cond(token_ids, cache, index, done):
-        return ops.logical_and(index < stop_at, ops.logical_not(ops.all(done)))
-
-    def body(token_ids, cache, index, done):
-        logits, _, cache = next_logits(model, token_ids, cache, index)
-        probabilities = sampler.compute_probabilities(logits)
-        next_token = ops.cast(
-            sampler.get_next_token(probabilities), token_ids.dtype
-        )
-        in_prompt = prompt_mask[:, index]
-        next_token = ops.where(in_prompt, token_ids[:, index], next_token)
-        token_ids = ops.slice_update(
-            token_ids, [0, index], ops.expand_dims(next_token, 1)
-        )
-        finished = index + 1 >= limits
-        if stop_token_ids is not None:
-            finished = ops.logical_or(
-                finished,
-                ops.logical_and(
-                    is_stop_token(next_token, stop_token_ids),
-                    ops.logical_not(in_prompt),
-                ),
-            )
-        return token_ids, cache, index + 1, ops.logical_or(done, finished)
-
-    return tuple(
-        sampler.run_loop(
-            cond,
-            body,
-            loop_vars=(token_ids, cache, index, done),
-            model=model,
-        )
-    )
+def decode_step(model):
+    """`model.call_with_cache` for one token per row: the compiled PyTorch
+    step of the running function if there is one (`torch_compiled_step`)."""
+    return getattr(_torch_step, "step", None) or model.call_with_cache
 
 
 def next_logits(model, token_ids, cache, index):
@@ -290,8 +228,9 @@ def next_logits(model, token_ids, cache, index):
     """
     batch_size = ops.shape(token_ids)[0]
     previous = ops.slice(token_ids, [0, index - 1], [batch_size, 1])
-    step = getattr(_torch_step, "step", None) or model.call_with_cache
-    logits, hidden_states, cache = step(previous, cache, index - 1)
+    logits, hidden_states, cache = decode_step(model)(
+        previous, cache, index - 1
+    )
     return ops.squeeze(logits, 1), ops.squeeze(hidden_states, 1), cache
 
 
@@ -324,36 +263,6 @@ def output_mask(token_ids, prompt_mask, stop_token_ids, limits):
         after_stop = (ops.cumsum(is_stop, axis=-1) - is_stop) > 0
         kept = ops.logical_and(kept, ops.logical_not(after_stop))
     return ops.logical_or(kept, prompt_mask)
-
-
-class TextStream:
-    """Turns a growing list of token ids into new text, piece by piece.
-
-    SentencePiece decodes a token differently depending on its neighbours
-    (a leading space, bytes of one character split across tokens), so the
-    whole continuation is detokenized each time and only the new suffix is
-    yielded; text ending in an incomplete character waits for more tokens.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids = []
-        self.text = ""
-
-    def push(self, ids):
-        """Adds token ids; returns the text they complete (maybe "")."""
-        self.ids.extend(int(i) for i in ids)
-        text = self.tokenizer.detokenize(np.asarray(self.ids, "int32"))
-        if hasattr(text, "numpy"):
-            text = text.numpy()
-        if isinstance(text, np.ndarray):
-            text = text.item()
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        if text.endswith("\ufffd") or not text.startswith(self.text):
-            return ""
-        new, self.text = text[len(self.text) :], text
-        return new
 
 
 def check_token_ids(token_ids, vocabulary_size, argument="token_ids"):

@@ -1,0 +1,555 @@
+"""The generation engine: a batch of sequences, each with its own state.
+
+`Engine` holds the caches of `max_batch` rows. Each row holds one
+`Sequence`: its tokens and position, its sampling settings and random
+stream, its limits, stop tokens, stop strings and grammar. `step()` advances
+every row by one token in one compiled call, whatever position each row is
+at; sequences join (`add`, one prefill for all that join together) and
+leave (`remove`) between steps. `generate`, `ChatSession`, streaming and the
+server all run on it.
+
+Why our own and not KerasHub's `Sampler` loop: that loop is one closed call
+with one position for the whole batch and one sampler for every row, so no
+request can join, stop on a string, follow a grammar or keep its cache for
+the next turn.
+
+A row's cache is read only at positions its own sequence wrote (the masks
+follow positions), so a new sequence needs no cleared row, and a finished
+one keeps its cache until it leaves: `add(..., reuse=finished)` continues
+it, prefilling only the tokens its cache does not hold.
+"""
+
+import dataclasses
+
+import numpy as np
+from keras import ops
+
+from keras_gemma2 import sampling
+from keras_gemma2.generation import compiled
+from keras_gemma2.generation.text import TextStream
+from keras_gemma2.generation.text import detokenize
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What one sequence generated.
+
+    Attributes:
+        text: the generated text, without stop tokens or stop strings.
+        token_ids: the generated token ids, a stop token included.
+        finish_reason: `"stop"` (a stop token, stop string or the end of
+            the grammar) or `"length"` (`max_new_tokens` or the cache ran
+            out).
+        logprobs: the model's log-probability of each of `token_ids`,
+            before any sampling control (as OpenAI's and vLLM's).
+        top_logprobs: with `top_logprobs=k`, one dict per generated token
+            of the `k` most likely ids and their log-probabilities.
+        prompt_tokens: tokens in the prompt, `<bos>` included.
+    """
+
+    text: str
+    token_ids: list
+    finish_reason: str
+    logprobs: list
+    top_logprobs: list = None
+    prompt_tokens: int = 0
+
+
+class Sequence:
+    """One generation's state inside an `Engine`.
+
+    Args:
+        prompt_ids: the prompt's token ids, `<bos>` first.
+        max_new_tokens: int. The most tokens to generate.
+        params: a `keras_gemma2.sampling.SamplingParams`; defaults to
+            greedy.
+        stop_token_ids: ids that end the sequence (kept in its ids).
+        stop: strings that end the sequence; the text stops before them.
+        constraint: an optional `keras_gemma2.structured.Constraint` the
+            text must follow.
+        tokenizer: the tokenizer, needed for `stop` and for text.
+        stream: bool. Settle text token by token (see `Engine.step`);
+            implied by `stop`.
+        sampler: optional KerasHub `Sampler` that picks tokens instead of
+            `params` (a custom sampler of `compile(sampler=...)`).
+    """
+
+    def __init__(
+        self,
+        prompt_ids,
+        max_new_tokens,
+        params=None,
+        stop_token_ids=(),
+        stop=(),
+        constraint=None,
+        tokenizer=None,
+        stream=False,
+        sampler=None,
+    ):
+        self.prompt_ids = [int(i) for i in prompt_ids]
+        if not self.prompt_ids:
+            raise ValueError("A prompt needs at least one token (`<bos>`).")
+        self.ids = list(self.prompt_ids)
+        self.max_new_tokens = int(max_new_tokens)
+        self.params = params or sampling.SamplingParams()
+        self.random = sampling.SequenceRandom(self.params.seed)
+        self.stop_token_ids = frozenset(int(i) for i in stop_token_ids)
+        self.constraint = constraint
+        self.tokenizer = tokenizer
+        self.sampler = sampler
+        self.stop = tuple(stop)
+        if self.stop and tokenizer is None:
+            raise ValueError("Stop strings need the `tokenizer`.")
+        self.stream = None
+        if tokenizer is not None and (stream or self.stop):
+            self.stream = TextStream(tokenizer, self.stop)
+        self.logprobs = []
+        self.top_logprobs = []
+        self.finish_reason = None
+        # Leading positions of `ids` that this sequence's cache holds.
+        self.cached = 0
+        self.row = None
+        # Token counts for the penalties: output only, and prompt too.
+        self.counts = self.seen = None
+
+    @property
+    def finished(self):
+        return self.finish_reason is not None
+
+    @property
+    def output_ids(self):
+        return self.ids[len(self.prompt_ids) :]
+
+    def result(self):
+        """The `GenerationResult` so far."""
+        return GenerationResult(
+            text=self.text(),
+            token_ids=list(self.output_ids),
+            finish_reason=self.finish_reason,
+            logprobs=list(self.logprobs),
+            top_logprobs=list(self.top_logprobs)
+            if self.params.top_logprobs
+            else None,
+            prompt_tokens=len(self.prompt_ids),
+        )
+
+    def text(self):
+        """The generated text: up to a stop string, without stop tokens."""
+        if self.stream is not None:
+            return self.stream.text
+        ids = [i for i in self.output_ids if i not in self.stop_token_ids]
+        return detokenize(self.tokenizer, ids) if self.tokenizer else ""
+
+    def _accept(self, token, logprob, top, limit):
+        """Appends a sampled token; returns the text it settles."""
+        self.ids.append(token)
+        self.logprobs.append(logprob)
+        if top is not None:
+            self.top_logprobs.append(top)
+        if self.counts is not None:
+            self.counts[token] += 1
+            self.seen[token] = 1.0
+        piece = ""
+        if token in self.stop_token_ids:
+            self.finish_reason = "stop"
+        else:
+            if self.stream is not None:
+                piece = self.stream.push([token])
+                if self.stream.stopped:
+                    self.finish_reason = "stop"
+            if self.constraint is not None and not self.finished:
+                self.constraint.advance(token)
+                if self.constraint.is_finished():
+                    self.finish_reason = "stop"
+        if not self.finished and (
+            len(self.output_ids) >= self.max_new_tokens
+            or len(self.ids) >= limit
+        ):
+            self.finish_reason = "length"
+        if self.finished and self.stream is not None:
+            # Text held back for a stop string that never came.
+            piece += self.stream.finish()
+        return piece
+
+
+class Engine:
+    """Advances a batch of `Sequence`s one token per step.
+
+    Args:
+        lm: a `Gemma2CausalLM`.
+        max_batch: int. Rows in the batch.
+        max_length: int. Positions each row holds (prompt and output).
+
+    Example:
+    ```python
+    lm = keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+    tokenizer = lm.preprocessor.tokenizer
+    engine = keras_gemma2.generation.Engine(lm, max_batch=2, max_length=64)
+    prompt = [2] + [int(i) for i in tokenizer.tokenize("The tokenizer")]
+    first = keras_gemma2.generation.Sequence(
+        prompt, max_new_tokens=8, tokenizer=tokenizer
+    )
+    engine.add([first])
+    engine.step()  # first's first token
+    second = keras_gemma2.generation.Sequence(
+        prompt, max_new_tokens=4, tokenizer=tokenizer,
+        params=keras_gemma2.sampling.SamplingParams(temperature=1.0, seed=7),
+    )
+    engine.add([second])  # joins the running batch
+    while engine.running:
+        engine.step()
+    first.result().text, second.result().finish_reason
+    ```
+    """
+
+    def __init__(self, lm, max_batch=8, max_length=1024):
+        self.lm = lm
+        self.max_batch = int(max_batch)
+        self.max_length = int(max_length)
+        self.vocabulary_size = lm.backbone.vocabulary_size
+        self.rows = [None] * self.max_batch
+        self.cache = None
+        # Tokens run through the model outside of decode steps.
+        self.prefilled_tokens = 0
+
+    @property
+    def running(self):
+        """The sequences still generating."""
+        return [s for s in self.rows if s is not None and not s.finished]
+
+    def _functions(self):
+        return self.lm._engine_functions()
+
+    def _init_cache(self):
+        if self.cache is None:
+            self.cache = self.lm.backbone.init_cache(
+                self.max_batch, self.max_length
+            )
+
+    def add(self, sequences, reuse=None):
+        """Puts `sequences` in free rows and prefills their prompts.
+
+        All but each prompt's last token are prefilled together; the last
+        is fed by the next `step`. With `reuse`, a finished sequence in
+        this engine whose tokens start the (single) new sequence's prompt,
+        the new one takes its row and cache and only the tokens after the
+        cached ones are run.
+        """
+        sequences = list(sequences)
+        for sequence in sequences:
+            self._check(sequence)
+        self._init_cache()
+        if reuse is not None:
+            if len(sequences) != 1:
+                raise ValueError("`reuse` continues one sequence at a time.")
+            return self._continue(sequences[0], reuse)
+        free = [row for row, s in enumerate(self.rows) if s is None]
+        if len(free) < len(sequences):
+            raise ValueError(
+                f"The engine has {len(free)} free rows of {self.max_batch}; "
+                f"cannot add {len(sequences)} sequences. Remove finished "
+                "sequences first, or make the engine with a larger "
+                "`max_batch`."
+            )
+        for sequence, row in zip(sequences, free):
+            sequence.row = row
+            self.rows[row] = sequence
+        self._prefill(sequences)
+
+    def _check(self, sequence):
+        compiled.check_token_ids(
+            np.asarray(sequence.prompt_ids), self.vocabulary_size, "prompt"
+        )
+        if len(sequence.prompt_ids) >= self.max_length:
+            raise ValueError(
+                f"A prompt has {len(sequence.prompt_ids)} tokens but the "
+                f"engine holds {self.max_length} positions per row, which "
+                "leaves no room to generate. Make the engine with a larger "
+                "`max_length`."
+            )
+        sequence.params.check_vocabulary(self.vocabulary_size)
+        if _needs_counts(sequence.params):
+            sequence.counts = np.zeros(self.vocabulary_size, "float32")
+            seen = np.zeros(self.vocabulary_size, "float32")
+            seen[sequence.prompt_ids] = 1.0
+            sequence.seen = seen
+
+    def _prefill(self, sequences):
+        """One prefill of every prompt but its last token, into the rows."""
+        lengths = [len(s.prompt_ids) - 1 for s in sequences]
+        longest = max(lengths)
+        if longest == 0:
+            return
+        size = min(compiled.bucket_length(longest), self.max_length)
+        token_ids = np.zeros((len(sequences), size), "int32")
+        for row, sequence in enumerate(sequences):
+            token_ids[row, : lengths[row]] = sequence.prompt_ids[:-1]
+        cache = self._functions()["prefill"](
+            ops.convert_to_tensor(token_ids),
+            ops.convert_to_tensor(np.maximum(lengths, 1).astype("int32")),
+            max_length=self.max_length,
+        )
+        rows = [s.row for s in sequences]
+        if rows == list(range(self.max_batch)):
+            self.cache = cache
+        else:
+            self.cache = _write_rows(self.cache, rows, cache)
+        for sequence, length in zip(sequences, lengths):
+            sequence.cached = length
+        self.prefilled_tokens += sum(lengths)
+
+    def _continue(self, sequence, previous):
+        """`sequence` takes `previous`'s row; runs only its uncached tokens."""
+        cached = previous.cached
+        if (
+            previous.row is None
+            or self.rows[previous.row] is not previous
+            or not previous.finished
+        ):
+            raise ValueError(
+                "`reuse` must be a finished sequence still in this engine."
+            )
+        if sequence.prompt_ids[:cached] != previous.ids[:cached] or (
+            len(sequence.prompt_ids) <= cached
+        ):
+            raise ValueError(
+                "The new prompt does not continue the reused sequence: its "
+                "first tokens must be that sequence's prompt and output."
+            )
+        row = previous.row
+        previous.row = None
+        sequence.row = row
+        self.rows[row] = sequence
+        new = sequence.prompt_ids[cached:-1]
+        if new:
+            rows = [row]
+            part = _take_rows(self.cache, rows)
+            part = self._functions()["extend"](
+                ops.convert_to_tensor(np.asarray([new], "int32")),
+                part,
+                ops.convert_to_tensor(cached, "int32"),
+            )
+            self.cache = (
+                part if self.max_batch == 1 else _write_rows(self.cache, rows, part)
+            )
+            self.prefilled_tokens += len(new)
+        sequence.cached = len(sequence.prompt_ids) - 1
+
+    def remove(self, sequence):
+        """Frees `sequence`'s row (its cache is dropped)."""
+        if sequence.row is not None and self.rows[sequence.row] is sequence:
+            self.rows[sequence.row] = None
+        sequence.row = None
+
+    def step(self):
+        """Advances every running sequence by one token.
+
+        Returns:
+            A list of `(sequence, text)` for the running sequences: the text
+            that their new token settled (maybe `""`).
+        """
+        running = self.running
+        if not running:
+            return []
+        self._init_cache()
+        token_ids = np.zeros((self.max_batch, 1), "int32")
+        positions = np.zeros(self.max_batch, "int32")
+        for row, sequence in enumerate(self.rows):
+            if sequence is not None:
+                # A finished row writes its own last token again: the same
+                # key and value at the same slot, so its cache stays whole.
+                token_ids[row, 0] = sequence.ids[-1]
+                positions[row] = len(sequence.ids) - 1
+        params = [
+            s.params if s is not None and not s.finished else _IDLE
+            for s in self.rows
+        ]
+        features = sampling.features(params)
+        arrays = sampling.stack(params, self.vocabulary_size)
+        if "repetition" in features or "penalties" in features:
+            zeros = np.zeros(self.vocabulary_size, "float32")
+            arrays["seen"] = np.stack(
+                [
+                    zeros if s is None or s.seen is None else s.seen
+                    for s in self._live_rows()
+                ]
+            )
+            arrays["counts"] = np.stack(
+                [
+                    zeros if s is None or s.counts is None else s.counts
+                    for s in self._live_rows()
+                ]
+            )
+        constrained = [
+            s for s in running if s.constraint is not None
+        ]
+        if constrained:
+            allowed = np.ones((self.max_batch, self.vocabulary_size), bool)
+            for sequence in constrained:
+                allowed[sequence.row] = _pad_mask(
+                    sequence.constraint.allowed(), self.vocabulary_size
+                )
+            arrays["allowed"] = allowed
+        arrays["uniform"] = np.asarray(
+            [
+                s.random.next() if s is not None and not s.finished else 0.0
+                for s in self.rows
+            ],
+            "float32",
+        )
+        top_logprobs = max(s.params.top_logprobs for s in running)
+        custom = _custom_sampler(running)
+        outputs = self._functions()["step"](
+            ops.convert_to_tensor(token_ids),
+            ops.convert_to_tensor(positions),
+            self.cache,
+            {k: ops.convert_to_tensor(v) for k, v in arrays.items()},
+            features=features,
+            top_logprobs=top_logprobs,
+            custom_sampler=custom is not None,
+        )
+        tokens, logprobs, top_values, top_ids, self.cache = outputs
+        tokens = ops.convert_to_numpy(tokens)
+        logprobs = ops.convert_to_numpy(logprobs)
+        if top_logprobs:
+            top_values = ops.convert_to_numpy(top_values)
+            top_ids = ops.convert_to_numpy(top_ids)
+        events = []
+        for row, sequence in enumerate(self.rows):
+            if sequence is None:
+                continue
+            sequence.cached = len(sequence.ids)
+            if sequence.finished:
+                continue
+            top = None
+            if sequence.params.top_logprobs:
+                k = sequence.params.top_logprobs
+                top = {
+                    int(i): float(v)
+                    for i, v in zip(top_ids[row, :k], top_values[row, :k])
+                }
+            piece = sequence._accept(
+                int(tokens[row]), float(logprobs[row]), top, self.max_length
+            )
+            events.append((sequence, piece))
+        return events
+
+    def _live_rows(self):
+        return [s if s is not None and not s.finished else None for s in self.rows]
+
+    def run(self, sequences):
+        """Adds `sequences`, steps until they finish, removes them.
+
+        Returns:
+            Their `GenerationResult`s.
+        """
+        self.add(sequences)
+        while any(not s.finished for s in sequences):
+            self.step()
+        for sequence in sequences:
+            self.remove(sequence)
+        return [s.result() for s in sequences]
+
+
+# The settings of an empty or finished row: greedy, no controls.
+_IDLE = sampling.SamplingParams()
+
+
+def _needs_counts(params):
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+
+
+def _custom_sampler(running):
+    samplers = {id(s.sampler): s.sampler for s in running if s.sampler}
+    return next(iter(samplers.values()), None)
+
+
+def _pad_mask(mask, vocabulary_size):
+    mask = np.asarray(mask, bool)
+    if mask.shape[0] >= vocabulary_size:
+        return mask[:vocabulary_size]
+    return np.pad(mask, (0, vocabulary_size - mask.shape[0]))
+
+
+def _take_rows(cache, rows):
+    rows = ops.convert_to_tensor(np.asarray(rows, "int32"))
+    return tuple(
+        tuple(ops.take(tensor, rows, axis=0) for tensor in layer)
+        for layer in cache
+    )
+
+
+def _write_rows(cache, rows, part):
+    """`cache` with `part`'s rows written at `rows` (in place on torch)."""
+    indices = np.asarray(rows, "int32")
+    written = []
+    for layer, new_layer in zip(cache, part):
+        tensors = []
+        for tensor, new in zip(layer, new_layer):
+            if hasattr(tensor, "index_copy_"):
+                # torch: in place, as the decode steps write.
+                import torch
+
+                with torch.no_grad():
+                    index = torch.as_tensor(indices, device=tensor.device)
+                    tensor.index_copy_(0, index.long(), new.to(tensor.dtype))
+                tensors.append(tensor)
+            else:
+                tensors.append(
+                    ops.scatter_update(
+                        tensor, ops.expand_dims(indices, 1), new
+                    )
+                )
+        written.append(tuple(tensors))
+    return tuple(written)
+
+
+def decode_and_sample(
+    model,
+    token_ids,
+    positions,
+    cache,
+    arrays,
+    features=(),
+    top_logprobs=0,
+    custom_sampler=False,
+):
+    """One compiled engine step: every row's next token.
+
+    Feeds each row's last token at its own position, then picks the next
+    token with the row's sampling controls (`sampling.process_logits`, with
+    the grammar's `allowed` mask first), and reports the model's own
+    log-probabilities of it and of its `top_logprobs` best alternatives.
+
+    Returns:
+        `(tokens, logprobs, top_values, top_ids, cache)`.
+    """
+    logits, _, cache = compiled.decode_step(model)(token_ids, cache, positions)
+    logits = ops.cast(ops.squeeze(logits, 1), "float32")
+    processed = logits
+    if "allowed" in arrays:
+        processed = ops.where(arrays["allowed"], processed, -np.inf)
+    if custom_sampler:
+        sampler = model.sampler
+        tokens = sampler.get_next_token(
+            sampler.compute_probabilities(processed)
+        )
+    else:
+        processed = sampling.process_logits(
+            processed,
+            arrays,
+            arrays.get("seen"),
+            arrays.get("counts"),
+            features,
+        )
+        tokens = sampling.select_tokens(
+            processed, arrays["temperature"], arrays["uniform"]
+        )
+    tokens = ops.cast(tokens, "int32")
+    logprobs, top = sampling.log_probs(logits, tokens, top_logprobs)
+    top_values, top_ids = top if top_logprobs else (None, None)
+    return tokens, logprobs, top_values, top_ids, cache

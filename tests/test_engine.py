@@ -94,7 +94,7 @@ class PerSequenceStateTest(TestCase):
             stop_token_ids=None,
             repetition_penalty=1.8,
             return_details=True,
-        )
+        )[0]
         with torch.no_grad():
             theirs = hf.generate(
                 torch.as_tensor(inputs["token_ids"], dtype=torch.long),
@@ -117,7 +117,7 @@ class PerSequenceStateTest(TestCase):
                 temperature=1.0,
                 seed=seed,
                 return_details=True,
-            ).token_ids
+            )[0].token_ids
             for seed in (3, 3, 4)
         ]
         self.assertEqual(runs[0], runs[1])
@@ -205,7 +205,7 @@ class DetailsTest(TestCase):
         inputs = _prompts([4], 4, seed=3)
         free = lm.generate(
             inputs, max_new_tokens=6, stop_token_ids=None, return_details=True
-        )
+        )[0]
         self.assertEqual(free.finish_reason, "length")
         self.assertEqual(len(free.token_ids), 6)
         # Stop at the third generated token's id.
@@ -216,7 +216,7 @@ class DetailsTest(TestCase):
             max_new_tokens=6,
             stop_token_ids=(stop_id,),
             return_details=True,
-        )
+        )[0]
         self.assertEqual(stopped.finish_reason, "stop")
         self.assertEqual(stopped.token_ids, free.token_ids[: first + 1])
 
@@ -236,13 +236,20 @@ class DetailsTest(TestCase):
         ]
         for kwargs, name in cases:
             with self.assertRaisesRegex((ValueError, TypeError), name):
-                lm.generate(inputs, max_new_tokens=2, **kwargs)
+                lm.generate(
+                    inputs, max_new_tokens=2, stop_token_ids=None, **kwargs
+                )
 
     def test_beam_search_refuses_engine_options(self):
         _, lm = _lm()
         lm.compile(sampler="beam")
         with self.assertRaisesRegex(ValueError, "BeamSampler"):
-            lm.generate(_prompts([3], 3), max_new_tokens=2, temperature=0.5)
+            lm.generate(
+                _prompts([3], 3),
+                max_new_tokens=2,
+                stop_token_ids=None,
+                temperature=0.5,
+            )
 
 
 class StopStringTest(TestCase):
@@ -304,7 +311,7 @@ class StructuredOutputTest(TestCase):
         lm = _preset_lm()
         results = lm.generate(
             ["A person as JSON:"] * 20,
-            max_new_tokens=160,
+            max_new_tokens=256,
             temperature=1.0,
             seed=0,
             json_schema=self.SCHEMA,

@@ -44,8 +44,8 @@ def _uncached_greedy(lm, token_ids, num_tokens):
 
 def _count_traces(lm):
     """Counts the Python runs (traces, when compiled) of `lm`'s prefill and
-    decoding loop, by wrapping the methods that `generate` compiles."""
-    counts = {"prefill": 0, "loop": 0}
+    decode step, by wrapping the methods that the engine compiles."""
+    counts = {"prefill": 0, "step": 0}
 
     def counting(name, method):
         def counted(*args, **kwargs):
@@ -55,7 +55,7 @@ def _count_traces(lm):
         return counted
 
     lm._prefill = counting("prefill", lm._prefill)
-    lm._decode_loop = counting("loop", lm._decode_loop)
+    lm._decode_step = counting("step", lm._decode_step)
     lm._compiled_generation = None
     return counts
 
@@ -244,7 +244,7 @@ class BucketingTest(TestCase):
                 stop_token_ids=None,
             )
         self.assertEqual(functions["prefill"], 1)
-        self.assertEqual(functions["loop"], 1)
+        self.assertEqual(functions["step"], 1)
         # A prompt past the bucket of 16 compiles a new prefill only once.
         for seed in (1, 2):
             lm.generate(
@@ -253,7 +253,7 @@ class BucketingTest(TestCase):
                 stop_token_ids=None,
             )
         self.assertEqual(functions["prefill"], 2)
-        self.assertEqual(functions["loop"], 2)
+        self.assertEqual(functions["step"], 2)
 
     @pytest.mark.skipif(
         keras.config.backend() != "torch", reason="PyTorch's in-place path."

@@ -57,20 +57,19 @@ def _lm(dtype="float32", seed=0):
     return lm
 
 
-def _loop_inputs(lm, batch=1, length=32, prompt=8):
-    ids = np.zeros((batch, length), "int32")
-    ids[:, :prompt] = references.random_token_ids(batch, prompt, seed=1)
-    mask = np.zeros((batch, length), bool)
-    mask[:, :prompt] = True
-    cache = lm.backbone.init_cache(batch, length)
+def _step_inputs(lm, batch=1, length=32, prompt=8):
+    """Arguments of the engine's compiled decode step, rows at `prompt`."""
+    from keras_gemma2 import sampling
+
+    ids = references.random_token_ids(batch, 1, seed=1).astype("int32")
+    params = [sampling.SamplingParams()] * batch
+    arrays = sampling.stack(params, lm.backbone.vocabulary_size)
+    arrays["uniform"] = np.zeros(batch, "float32")
     return (
         ids,
-        mask,
-        cache,
-        np.int32(prompt),
-        np.zeros((batch,), bool),
-        np.full((batch,), length, "int32"),
-        np.int32(length),
+        np.full((batch,), prompt, "int32"),
+        lm.backbone.init_cache(batch, length),
+        arrays,
     )
 
 
@@ -97,19 +96,17 @@ class XlaCpuDtypeTest(TestCase):
         self.assertEqual(lm.backbone.dtype_policy.name, "bfloat16")
 
     @pytest.mark.skipif(BACKEND != "jax", reason="JAX's memory_analysis")
-    def test_compiled_decode_loop_holds_no_copy_of_the_weights(self):
+    def test_compiled_decode_step_holds_no_copy_of_the_weights(self):
         # A bfloat16 model as loaded here (held in float32): the loop's
         # temporaries are a few activations, not a float32 copy of the
         # weights (which bfloat16 weights cost: 3.7x their bytes).
         for dtype in ("float32", "bfloat16"):
             lm = _lm(dtype)
-            loop = lm._generation_functions()["loop"]
-            compiled = loop.lower(
-                *_loop_inputs(lm), stop_token_ids=None
-            ).compile()
+            step = lm._engine_functions()["step"]
+            compiled = step.lower(*_step_inputs(lm)).compile()
             temp = compiled.memory_analysis().temp_size_in_bytes
             weights = _weight_bytes(lm.backbone)
-            print(f"{dtype}: loop temporaries {temp / weights:.3f}x weights")
+            print(f"{dtype}: step temporaries {temp / weights:.3f}x weights")
             self.assertLess(temp, 0.25 * weights)
 
     @pytest.mark.skipif(BACKEND != "jax", reason="JAX's memory_analysis")
@@ -120,8 +117,8 @@ class XlaCpuDtypeTest(TestCase):
             os.environ, {"KERAS_GEMMA2_XLA_CPU_BFLOAT16": "keep"}
         ):
             lm = _lm("bfloat16")
-        loop = lm._generation_functions()["loop"]
-        compiled = loop.lower(*_loop_inputs(lm), stop_token_ids=None).compile()
+        step = lm._engine_functions()["step"]
+        compiled = step.lower(*_step_inputs(lm)).compile()
         temp = compiled.memory_analysis().temp_size_in_bytes
         self.assertGreater(temp, 1.0 * _weight_bytes(lm.backbone))
 

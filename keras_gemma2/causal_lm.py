@@ -8,11 +8,11 @@ from keras_hub.models import CausalLM
 
 from keras_gemma2 import data
 from keras_gemma2 import generation
-from keras_gemma2.generation import api as generation_api
 from keras_gemma2 import presets as presets_lib
 from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.causal_lm_preprocessor import Gemma2CausalLMPreprocessor
 from keras_gemma2.convert import to_huggingface
+from keras_gemma2.generation import api as generation_api
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -413,7 +413,7 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
             print(piece, end="", flush=True)
         result = lm.generate(
             "The tokenizer", max_new_tokens=8, temperature=0.8, top_p=0.9,
-            seed=1, stop=["\n"], return_details=True,
+            seed=1, stop=["\\n"], return_details=True,
         )
         result.text, result.finish_reason, result.logprobs
         ```
@@ -508,7 +508,9 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
                 raise ValueError(
                     "Scoring strings needs a preprocessor; pass token ids."
                 )
-            length = max(map(len, generation_api.tokenize_prompts(self, prompts)))
+            length = max(
+                map(len, generation_api.tokenize_prompts(self, prompts))
+            )
             batch = self.preprocessor.generate_preprocess(
                 prompts, sequence_length=length
             )

@@ -2,6 +2,9 @@
 
 import sys
 
+from keras_gemma2.generation import Engine
+from keras_gemma2.generation import Sequence
+from keras_gemma2.generation import api as generation_api
 from keras_gemma2.special_tokens import END_OF_TURN
 from keras_gemma2.special_tokens import START_OF_TURN
 
@@ -157,16 +160,12 @@ class ChatSession:
     def __init__(
         self, lm, system=None, max_length=4096, max_new_tokens=256, **controls
     ):
-        # The engine and the sampling module sit above this module.
-        from keras_gemma2.generation import Engine
-        from keras_gemma2.generation import api
-
         tokenizer = lm.preprocessor.tokenizer
         check_tokenizer(tokenizer)
         self.lm = lm
         self.system = system
         self.max_new_tokens = max_new_tokens
-        self.params = api.resolve_params(lm, None, controls)
+        self.params = generation_api.resolve_params(lm, None, controls)
         if self.params is None:
             raise ValueError(
                 f"A chat needs a sampler that picks each token as it goes; "
@@ -184,8 +183,6 @@ class ChatSession:
 
     def stream(self, message):
         """Adds a user message; yields the reply's text as it is sampled."""
-        from keras_gemma2.generation import Sequence
-
         sequence = Sequence(
             self._prompt_ids(message),
             max_new_tokens=self.max_new_tokens,

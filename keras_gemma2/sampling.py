@@ -97,7 +97,9 @@ class SamplingParams:
         fix(
             self,
             "temperature",
-            _number("temperature", self.temperature, 0.0, math.inf, False, True),
+            _number(
+                "temperature", self.temperature, 0.0, math.inf, False, True
+            ),
         )
         if self.top_k is not None:
             fix(self, "top_k", _integer("top_k", self.top_k, 1))
@@ -132,10 +134,13 @@ class SamplingParams:
                 )
             bias = {}
             for token, value in self.logit_bias.items():
-                token = int(token) if str(token).lstrip("-").isdigit() else token
+                token = (
+                    int(token) if str(token).lstrip("-").isdigit() else token
+                )
                 _integer("logit_bias token id", token, 0)
+                # OpenAI's range: -100 bans a token, 100 forces it.
                 bias[token] = _number(
-                    f"logit_bias[{token}]", value, -math.inf, math.inf
+                    f"logit_bias[{token}]", value, -100.0, 100.0
                 )
             fix(self, "logit_bias", bias or None)
 
@@ -163,20 +168,22 @@ class SamplingParams:
         from keras_hub import samplers
 
         name = type(sampler)
-        temperature = float(getattr(sampler, "temperature", 1.0))
         if name is samplers.GreedySampler:
             return cls()
+        seed = getattr(sampler, "seed", None)
+        common = {
+            "temperature": float(getattr(sampler, "temperature", 1.0)),
+            "seed": seed if isinstance(seed, int) else None,
+        }
         if name is samplers.TopKSampler:
-            return cls(temperature=temperature, top_k=int(sampler.k))
+            return cls(top_k=int(sampler.k), **common)
         if name is samplers.TopPSampler:
             k = getattr(sampler, "k", None)
             return cls(
-                temperature=temperature,
-                top_p=float(sampler.p),
-                top_k=int(k) if k else None,
+                top_p=float(sampler.p), top_k=int(k) if k else None, **common
             )
         if name is samplers.RandomSampler:
-            return cls(temperature=temperature)
+            return cls(**common)
         return None
 
 
@@ -344,9 +351,7 @@ def select_tokens(processed, temperature, uniform):
         probs, ops.expand_dims(ops.cast(sampled, "int32"), 1), axis=-1
     )[:, 0]
     sampled = ops.where(picked_prob > 0, sampled, greedy)
-    return ops.cast(
-        ops.where(temperature > 0, sampled, greedy), "int32"
-    )
+    return ops.cast(ops.where(temperature > 0, sampled, greedy), "int32")
 
 
 def log_probs(logits, tokens, top_logprobs=0):

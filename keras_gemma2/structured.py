@@ -39,7 +39,9 @@ class _Vocabulary:
     """What llguidance's `TokenizerWrapper` reads: each id's bytes."""
 
     def __init__(self, tokenizer):
-        pieces = [tokenizer.id_to_token(i) for i in range(tokenizer.vocabulary_size())]
+        pieces = [
+            tokenizer.id_to_token(i) for i in range(tokenizer.vocabulary_size())
+        ]
         self.tokens = [_piece_bytes(piece) for piece in pieces]
         self.eos_token_id = tokenizer.token_to_id(EOS)
         self.bos_token_id = tokenizer.start_token_id
@@ -48,7 +50,8 @@ class _Vocabulary:
         self.special_token_ids = [
             i
             for i, piece in enumerate(pieces)
-            if piece.startswith("<") and piece.endswith(">")
+            if piece.startswith("<")
+            and piece.endswith(">")
             and not _is_byte_piece(piece)
         ]
         self._tokenizer = tokenizer

@@ -25,7 +25,9 @@ def _preset_lm():
 
 
 def _rows(inputs, lengths):
-    return [inputs["token_ids"][row, :n].tolist() for row, n in enumerate(lengths)]
+    return [
+        inputs["token_ids"][row, :n].tolist() for row, n in enumerate(lengths)
+    ]
 
 
 # Four rows, four settings; prompts of 2 to 9 tokens cross the window of 4
@@ -190,9 +192,13 @@ class DetailsTest(TestCase):
                     }
                 )
             )[0, length - 1 : -1]
-            log_softmax = logits - np.log(
-                np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)
-            )[:, None] - logits.max(-1, keepdims=True)
+            log_softmax = (
+                logits
+                - np.log(
+                    np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)
+                )[:, None]
+                - logits.max(-1, keepdims=True)
+            )
             for step, top in enumerate(results[row].top_logprobs):
                 best = np.argsort(-log_softmax[step])[:3]
                 self.assertEqual(list(top), best.tolist())
@@ -361,7 +367,9 @@ class MultiTurnTest(TestCase):
             session.send(message)
             sequence = session._sequence
             # Only this turn's tokens ran: those the cache did not hold.
-            self.assertEqual(session.prefilled, len(sequence.prompt_ids) - cached)
+            self.assertEqual(
+                session.prefilled, len(sequence.prompt_ids) - cached
+            )
             cached = len(sequence.ids) - 1
             prompt = np.asarray([sequence.prompt_ids], "int32")
             again = lm.generate(

@@ -24,7 +24,9 @@ def _input_ids(batch=4, seed=1):
 
 
 def _ours(logits, params, input_ids=None, counts=None):
-    params = [params] * len(logits) if isinstance(params, SamplingParams) else params
+    params = (
+        [params] * len(logits) if isinstance(params, SamplingParams) else params
+    )
     arrays = sampling.stack(params, VOCAB)
     seen = None
     if input_ids is not None:
@@ -62,7 +64,10 @@ class AgainstTransformersTest(TestCase):
     def test_each_warper(self):
         logits = _logits()
         cases = [
-            (SamplingParams(temperature=0.7), [hf.TemperatureLogitsWarper(0.7)]),
+            (
+                SamplingParams(temperature=0.7),
+                [hf.TemperatureLogitsWarper(0.7)],
+            ),
             (
                 SamplingParams(temperature=1.0, top_k=7),
                 [hf.TopKLogitsWarper(7)],
@@ -84,7 +89,9 @@ class AgainstTransformersTest(TestCase):
     def test_repetition_penalty(self):
         logits, ids = _logits(), _input_ids()
         for penalty in (1.3, 0.8):
-            ours = _ours(logits, SamplingParams(repetition_penalty=penalty), ids)
+            ours = _ours(
+                logits, SamplingParams(repetition_penalty=penalty), ids
+            )
             theirs = _theirs(
                 logits, [hf.RepetitionPenaltyLogitsProcessor(penalty)], ids
             )
@@ -123,7 +130,9 @@ class AgainstTransformersTest(TestCase):
         together = _ours(logits, params, ids)
         for row, one in enumerate(params):
             alone = _ours(logits[row : row + 1], [one], ids[row : row + 1])
-            np.testing.assert_allclose(together[row : row + 1], alone, atol=1e-6)
+            np.testing.assert_allclose(
+                together[row : row + 1], alone, atol=1e-6
+            )
 
 
 class PenaltiesTest(TestCase):
@@ -266,7 +275,9 @@ class BadInputTest(TestCase):
         import keras_hub
 
         self.assertTrue(
-            SamplingParams.from_sampler(keras_hub.samplers.GreedySampler()).greedy
+            SamplingParams.from_sampler(
+                keras_hub.samplers.GreedySampler()
+            ).greedy
         )
         top_k = SamplingParams.from_sampler(
             keras_hub.samplers.TopKSampler(k=7, temperature=0.5)

@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 
 from keras_gemma2 import sampling
+from keras_gemma2 import structured
 from keras_gemma2.generation import compiled
 from keras_gemma2.generation.engine import Engine
 from keras_gemma2.generation.engine import Sequence
@@ -283,9 +284,6 @@ def _constraint(lm, json_schema, grammar):
         raise ValueError(
             "Structured output needs the tokenizer: attach a preprocessor."
         )
-    # llguidance: imported only when structured output is asked for.
-    from keras_gemma2 import structured
-
     tokenizer = lm.preprocessor.tokenizer
 
     def make():

@@ -330,7 +330,9 @@ class Engine:
                 ops.convert_to_tensor(cached, "int32"),
             )
             self.cache = (
-                part if self.max_batch == 1 else _write_rows(self.cache, rows, part)
+                part
+                if self.max_batch == 1
+                else _write_rows(self.cache, rows, part)
             )
             self.prefilled_tokens += len(new)
         sequence.cached = len(sequence.prompt_ids) - 1
@@ -380,9 +382,7 @@ class Engine:
                     for s in self._live_rows()
                 ]
             )
-        constrained = [
-            s for s in running if s.constraint is not None
-        ]
+        constrained = [s for s in running if s.constraint is not None]
         if constrained:
             allowed = np.ones((self.max_batch, self.vocabulary_size), bool)
             for sequence in constrained:
@@ -435,7 +435,9 @@ class Engine:
         return events
 
     def _live_rows(self):
-        return [s if s is not None and not s.finished else None for s in self.rows]
+        return [
+            s if s is not None and not s.finished else None for s in self.rows
+        ]
 
     def run(self, sequences):
         """Adds `sequences`, steps until they finish, removes them.
@@ -500,9 +502,7 @@ def _write_rows(cache, rows, part):
                 tensors.append(tensor)
             else:
                 tensors.append(
-                    ops.scatter_update(
-                        tensor, ops.expand_dims(indices, 1), new
-                    )
+                    ops.scatter_update(tensor, ops.expand_dims(indices, 1), new)
                 )
         written.append(tuple(tensors))
     return tuple(written)

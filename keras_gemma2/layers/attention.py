@@ -431,7 +431,9 @@ def _slot_positions(index, capacity):
     with `p % capacity == slot`; negative where never written."""
     index = ops.reshape(ops.cast(index, "int32"), (-1, 1))
     slots = ops.expand_dims(ops.arange(capacity, dtype="int32"), 0)
-    return index - ops.mod(index - slots, capacity)
+    # `%`, not `ops.mod`: a compiled PyTorch step keeps `capacity` symbolic
+    # (`ops.mod` would make it a tensor, fixing the graph to one capacity).
+    return index - (index - slots) % capacity
 
 
 def _fill_ring(key, value, cache, valid_length):

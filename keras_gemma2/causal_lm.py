@@ -260,6 +260,8 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
                         "top_logprobs",
                         "custom_sampler",
                     ),
+                    # The engine replaces its caches with the step's.
+                    donate_argnums=(2,),
                 ),
                 "extend": generation.compile_function(self, self._extend),
             }

@@ -189,9 +189,20 @@ class SamplingParams:
 
 class SequenceRandom:
     """One sequence's uniforms in [0, 1): its own stream, whatever batch it
-    runs in. `seed=None` draws fresh entropy."""
+    runs in.
+
+    `seed=None` takes a seed from numpy's global generator, so that
+    `keras.utils.set_random_seed` (which seeds it) makes unseeded sampling
+    repeat, as it does for KerasHub's samplers.
+
+    Example:
+    >>> SequenceRandom(3).next() == SequenceRandom(3).next()
+    True
+    """
 
     def __init__(self, seed=None):
+        if seed is None:
+            seed = int(np.random.randint(0, 2**31 - 1))
         self._generator = np.random.default_rng(seed)
 
     def next(self):

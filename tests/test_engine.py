@@ -125,6 +125,23 @@ class PerSequenceStateTest(TestCase):
         self.assertEqual(runs[0], runs[1])
         self.assertNotEqual(runs[0], runs[2])
 
+    def test_keras_global_seed_repeats_unseeded_sampling(self):
+        _, lm = _lm()
+        lm.compile(sampler="top_k")
+        inputs = _prompts([4], 4, seed=1)
+        runs = []
+        for seed in (5, 5, 6):
+            keras.utils.set_random_seed(seed)
+            runs.append(
+                lm.generate(inputs, max_new_tokens=8, stop_token_ids=None)
+            )
+        np.testing.assert_array_equal(
+            runs[0]["token_ids"], runs[1]["token_ids"]
+        )
+        self.assertFalse(
+            np.array_equal(runs[0]["token_ids"], runs[2]["token_ids"])
+        )
+
     def test_sequences_join_and_leave_a_running_batch(self):
         # One sequence runs 5 steps, a second joins at a different position,
         # a third takes the row the first leaves: each equals itself alone.

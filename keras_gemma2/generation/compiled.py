@@ -46,7 +46,7 @@ def bucket_length(length):
     return -(-length // _LARGE_BUCKET) * _LARGE_BUCKET
 
 
-def compile_function(model, fn, static_argnames=()):
+def compile_function(model, fn, static_argnames=(), donate_argnums=()):
     """`fn(*tensors, **static)` compiled with `model`'s state as inputs.
 
     JAX: `jax.jit`, with the model's and its sampler's variables passed in
@@ -56,7 +56,9 @@ def compile_function(model, fn, static_argnames=()):
     `torch.no_grad()`, calling sublayers directly (`layers.direct`), with
     each decode step `torch.compile`d if the model was compiled with
     `jit_compile=True` (`torch_compiled_step`). Each traces once per input
-    shape and static value.
+    shape and static value. On JAX the positional arguments listed in
+    `donate_argnums` (the caches of a step) are donated: XLA updates them
+    in place instead of copying them every call.
     """
     backend = keras.config.backend()
     if backend == "torch":
@@ -64,7 +66,7 @@ def compile_function(model, fn, static_argnames=()):
     if backend == "tensorflow":
         return _tf_function(model, fn)
     if backend == "jax":
-        return _jax_function(model, fn, static_argnames)
+        return _jax_function(model, fn, static_argnames, donate_argnums)
 
     def eager_function(*args, **static):
         return fn(*args, **static)
@@ -104,11 +106,16 @@ def _tf_function(model, fn):
     return tf_function
 
 
-def _jax_function(model, fn, static_argnames):
+def _jax_function(model, fn, static_argnames, donate_argnums=()):
     # jax.jit: JAX, imported on its backend only.
     import jax
 
-    @functools.partial(jax.jit, static_argnames=tuple(static_argnames))
+    @functools.partial(
+        jax.jit,
+        static_argnames=tuple(static_argnames),
+        # Positions of `fn`'s own arguments: the state comes first.
+        donate_argnums=tuple(i + 1 for i in donate_argnums),
+    )
     def jitted(state, *args, **static):
         sampler_values, trainable, non_trainable = state
         sampler = model.sampler

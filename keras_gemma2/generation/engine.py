@@ -546,9 +546,13 @@ def decode_and_sample(
             arrays.get("counts"),
             features,
         )
-        tokens = sampling.select_tokens(
-            processed, arrays["temperature"], arrays["uniform"]
-        )
+        if "sample" in features:
+            tokens = sampling.select_tokens(
+                processed, arrays["temperature"], arrays["uniform"]
+            )
+        else:
+            # Every row greedy: no softmax or cumulative sum to compute.
+            tokens = ops.argmax(processed, axis=-1)
     tokens = ops.cast(tokens, "int32")
     logprobs, top = sampling.log_probs(logits, tokens, top_logprobs)
     top_values, top_ids = top if top_logprobs else (None, None)

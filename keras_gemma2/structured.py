@@ -3,11 +3,11 @@
 Through llguidance, chosen over xgrammar and outlines-core because:
 - it builds its token masks from the vocabulary's bytes, which we read
   from our own SentencePiece model: no Hugging Face tokenizer and no
-  download (xgrammar's and outlines-core's Python entry points start from
-  a `transformers` tokenizer or a hub vocabulary);
+  download;
 - one matcher takes JSON Schema, Lark (a superset of regex) and regex;
-- it has no dependency on torch, so all three backends use it alike;
-- transformers, vLLM, SGLang and llama.cpp integrate it.
+- it has no Python dependencies (no torch), so all three backends use it
+  alike;
+- llama.cpp and SGLang integrate it, and vLLM offers it as a backend.
 
 The engine asks each sequence's `Constraint` for the allowed tokens before
 each step (a mask applied to the logits before every sampling control) and
@@ -201,12 +201,15 @@ class Constraint:
         return mask[: self.vocabulary_size]
 
     def advance(self, token_id):
-        """Consumes a sampled token; a ValueError if it was not allowed."""
-        if not self._matcher.consume_token(int(token_id)):
+        """Consumes a sampled token; a ValueError if it was not allowed,
+        with the state left as it was (llguidance's matcher would stay in
+        its error state after consuming it)."""
+        if self._matcher.validate_tokens([int(token_id)]) != 1:
             raise ValueError(
-                f"Token {token_id} is not allowed here by the grammar: "
-                f"{self._matcher.get_error()}"
+                f"Token {token_id} is not allowed here by the grammar; "
+                "`allowed()` gives the tokens that are."
             )
+        self._matcher.consume_token(int(token_id))
 
     def is_accepting(self):
         """Whether the text so far is a complete match."""

@@ -101,15 +101,9 @@ def generate(
             ),
         )
     as_dict = isinstance(inputs, dict)
-    if as_dict:
-        prompts, is_scalar, width = _dict_prompts(lm, inputs)
-        if max_length is None and max_new_tokens is None:
-            max_length = width
-    else:
-        texts, is_scalar = check_prompts(inputs)
-        prompts = tokenize_prompts(lm, texts)
-        if max_length is None and max_new_tokens is None:
-            max_length = lm.preprocessor.sequence_length
+    prompts, is_scalar, width = _read_prompts(lm, inputs)
+    if max_length is None and max_new_tokens is None:
+        max_length = width
     params_list = _per_prompt(params, len(prompts))
     sequences = _sequences(
         lm,
@@ -320,14 +314,8 @@ def _sequences(
     stream,
 ):
     tokenizer = lm.preprocessor.tokenizer if lm.preprocessor else None
-    longest = max(len(p) for p in prompts)
-    if max_new_tokens is None and longest >= max_length:
-        raise ValueError(
-            f"A prompt has {longest} tokens (with <bos>) but max_length is "
-            f"{max_length}, which leaves no room to generate. Pass a "
-            "larger `max_length`, or `max_new_tokens=N` to size it to "
-            "the prompt."
-        )
+    if max_new_tokens is None:
+        _check_room(prompts, max_length)
     sequences = []
     for prompt, params in zip(prompts, params_list):
         budget = max_new_tokens or max_length - len(prompt)
@@ -345,6 +333,29 @@ def _sequences(
             )
         )
     return sequences
+
+
+def _read_prompts(lm, inputs):
+    """`(prompts, is_scalar, width)`: each prompt's ids, `<bos>` first, and
+    the default total length (a dict's width, else the preprocessor's
+    `sequence_length`)."""
+    if isinstance(inputs, dict):
+        return _dict_prompts(lm, inputs)
+    texts, is_scalar = check_prompts(inputs)
+    prompts = tokenize_prompts(lm, texts)
+    return prompts, is_scalar, lm.preprocessor.sequence_length
+
+
+def _check_room(prompts, max_length):
+    """Refuses a `max_length` that leaves the longest prompt no room."""
+    longest = max(len(p) for p in prompts)
+    if longest >= max_length:
+        raise ValueError(
+            f"A prompt has {longest} tokens (with <bos>) but max_length is "
+            f"{max_length}, which leaves no room to generate. Pass a "
+            "larger `max_length`, or `max_new_tokens=N` to size it to "
+            "the prompt."
+        )
 
 
 def _dict_prompts(lm, inputs):
@@ -435,12 +446,7 @@ def _search_generate(
             strip_prompt=strip_prompt,
         )
     as_dict = isinstance(inputs, dict)
-    if as_dict:
-        prompts, is_scalar, width = _dict_prompts(lm, inputs)
-    else:
-        texts, is_scalar = check_prompts(inputs)
-        prompts = tokenize_prompts(lm, texts)
-        width = max_length or lm.preprocessor.sequence_length
+    prompts, is_scalar, width = _read_prompts(lm, inputs)
     longest = max(len(p) for p in prompts)
     if max_new_tokens is not None:
         width = max(width if as_dict else 0, longest + max_new_tokens)
@@ -448,12 +454,7 @@ def _search_generate(
     else:
         width = max_length or width
         limits = [width] * len(prompts)
-    if longest >= width:
-        raise ValueError(
-            f"A prompt has {longest} tokens (with <bos>) but max_length is "
-            f"{width}, which leaves no room to generate. Pass a larger "
-            "`max_length`, or `max_new_tokens=N` to size it to the prompt."
-        )
+    _check_room(prompts, width)
     total = compiled.bucket_length(width)
     token_ids = np.zeros((len(prompts), total), "int32")
     prompt_mask = np.zeros((len(prompts), total), bool)

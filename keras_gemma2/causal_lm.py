@@ -236,9 +236,11 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
     def _prefill(self, prefill_ids, valid_length, max_length):
         return self._build_cache(prefill_ids, max_length, valid_length)[1]
 
-    def _decode_step(self, token_ids, positions, cache, arrays, **static):
-        return generation.decode_and_sample(
-            self, token_ids, positions, cache, arrays, **static
+    def _decode_step(
+        self, token_ids, positions, cache, arrays, *rest, **static
+    ):
+        return generation.decode_steps(
+            self, token_ids, positions, cache, arrays, *rest, **static
         )
 
     def _extend(self, token_ids, cache, start):
@@ -256,6 +258,7 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
                     self,
                     self._decode_step,
                     static_argnames=(
+                        "max_steps",
                         "features",
                         "top_logprobs",
                         "custom_sampler",

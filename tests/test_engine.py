@@ -174,6 +174,85 @@ class PerSequenceStateTest(TestCase):
             [s.result().token_ids for s in (first, second, third)], alone
         )
 
+    def test_a_block_of_steps_equals_single_steps(self):
+        # `step(num_steps=k)` runs k steps in one compiled loop: the same
+        # tokens, logprobs, top logprobs and finish reasons as k single
+        # steps, with penalties counted inside the loop, a stop id hit
+        # mid-block, a row that joins between blocks, and a cache that a
+        # following turn can reuse.
+        _, lm = _lm()
+        lengths = [2, 9, 5, 3, 4]
+        prompts = _rows(_prompts(lengths, 9, seed=7), lengths)
+        params = [MIXED[1], MIXED[0], MIXED[3]] + [
+            SamplingParams(
+                repetition_penalty=1.3, presence_penalty=0.8, top_logprobs=3
+            ),
+            SamplingParams(frequency_penalty=0.7),
+        ]
+        params[1] = SamplingParams(top_logprobs=2)
+        # The greedy row 1 stops at its first token not seen before in it,
+        # past its second: mid-block.
+        probe = generation.Engine(lm, max_batch=1, max_length=32)
+        greedy = probe.run([generation.Sequence(prompts[1], 12)])[0].token_ids
+        where = next(i for i in range(2, 12) if greedy[i] not in greedy[:i])
+        stop = greedy[where]
+
+        def sequences():
+            return [
+                generation.Sequence(
+                    prompts[row],
+                    max_new_tokens=[12, 15, 11, 13, 9][row],
+                    params=params[row],
+                    stop_token_ids=[stop] if row == 1 else (),
+                )
+                for row in range(5)
+            ]
+
+        def drive(num_steps):
+            engine = generation.Engine(lm, max_batch=5, max_length=32)
+            *batch, late = sequences()
+            engine.add(batch)
+            while not batch[1].finished:
+                engine.step(num_steps=num_steps)
+            # A new sequence joins between blocks.
+            engine.add([late])
+            while engine.running:
+                engine.step(num_steps=num_steps)
+            turns = [s.result() for s in batch + [late]]
+            # Second turns continue the stopped row and a full one from
+            # their caches, past the window of 4.
+            follows = []
+            for previous in batch[:2]:
+                follows.append(
+                    generation.Sequence(
+                        previous.ids + [7, 8],
+                        max_new_tokens=6,
+                        params=SamplingParams(
+                            temperature=1.0, top_p=0.9, seed=len(follows)
+                        ),
+                    )
+                )
+                engine.add([follows[-1]], reuse=previous)
+            while engine.running:
+                engine.step(num_steps=num_steps)
+            return turns + [s.result() for s in follows]
+
+        blocks, singles = drive(8), drive(1)
+        self.assertEqual(blocks[1].finish_reason, "stop")
+        self.assertEqual(len(blocks[1].token_ids), where + 1)
+        for ours, theirs in zip(blocks, singles):
+            self.assertEqual(ours.token_ids, theirs.token_ids)
+            self.assertEqual(ours.finish_reason, theirs.finish_reason)
+            np.testing.assert_allclose(
+                ours.logprobs, theirs.logprobs, atol=1e-5
+            )
+            self.assertEqual(bool(ours.top_logprobs), bool(theirs.top_logprobs))
+            for a, b in zip(ours.top_logprobs or [], theirs.top_logprobs or []):
+                self.assertEqual(list(a), list(b))
+                np.testing.assert_allclose(
+                    list(a.values()), list(b.values()), atol=1e-5
+                )
+
     def test_a_full_engine_refuses_more_sequences(self):
         _, lm = _lm()
         engine = generation.Engine(lm, max_batch=1, max_length=16)

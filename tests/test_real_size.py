@@ -58,19 +58,31 @@ def _lm(dtype="float32", seed=0):
 
 
 def _step_inputs(lm, batch=1, length=32, prompt=8):
-    """Arguments of the engine's compiled decode step, rows at `prompt`."""
+    """Arguments of the engine's compiled decode loop (`generate`'s block
+    of steps), rows at `prompt`."""
     from keras_gemma2 import sampling
+    from keras_gemma2.generation import engine
 
     ids = references.random_token_ids(batch, 1, seed=1).astype("int32")
     params = [sampling.SamplingParams()] * batch
     arrays = sampling.stack(params, lm.backbone.vocabulary_size)
-    arrays["uniform"] = np.zeros(batch, "float32")
+    arrays["uniform"] = np.zeros((engine.BLOCK_STEPS, batch), "float32")
     return (
         ids,
         np.full((batch,), prompt, "int32"),
         lm.backbone.init_cache(batch, length),
         arrays,
+        np.full((batch,), length - prompt - 1, "int32"),
+        np.full((batch, 4), -1, "int32"),
+        np.int32(engine.BLOCK_STEPS),
     )
+
+
+def _lower_step(lm):
+    from keras_gemma2.generation import engine
+
+    step = lm._engine_functions()["step"]
+    return step.lower(*_step_inputs(lm), max_steps=engine.BLOCK_STEPS)
 
 
 class XlaCpuDtypeTest(TestCase):
@@ -102,8 +114,7 @@ class XlaCpuDtypeTest(TestCase):
         # weights (which bfloat16 weights cost: 3.7x their bytes).
         for dtype in ("float32", "bfloat16"):
             lm = _lm(dtype)
-            step = lm._engine_functions()["step"]
-            compiled = step.lower(*_step_inputs(lm)).compile()
+            compiled = _lower_step(lm).compile()
             temp = compiled.memory_analysis().temp_size_in_bytes
             weights = _weight_bytes(lm.backbone)
             print(f"{dtype}: step temporaries {temp / weights:.3f}x weights")
@@ -117,8 +128,7 @@ class XlaCpuDtypeTest(TestCase):
             os.environ, {"KERAS_GEMMA2_XLA_CPU_BFLOAT16": "keep"}
         ):
             lm = _lm("bfloat16")
-        step = lm._engine_functions()["step"]
-        compiled = step.lower(*_step_inputs(lm)).compile()
+        compiled = _lower_step(lm).compile()
         temp = compiled.memory_analysis().temp_size_in_bytes
         self.assertGreater(temp, 1.0 * _weight_bytes(lm.backbone))
 

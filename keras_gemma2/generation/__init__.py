@@ -20,6 +20,7 @@ from keras_gemma2.generation.engine import Engine
 from keras_gemma2.generation.engine import GenerationResult
 from keras_gemma2.generation.engine import Sequence
 from keras_gemma2.generation.engine import decode_and_sample
+from keras_gemma2.generation.engine import decode_steps
 from keras_gemma2.generation.text import TextStream
 from keras_gemma2.generation.text import detokenize
 
@@ -32,6 +33,7 @@ __all__ = [
     "check_token_ids",
     "compile_function",
     "decode_and_sample",
+    "decode_steps",
     "decode_step",
     "detokenize",
     "is_stop_token",

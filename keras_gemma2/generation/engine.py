@@ -343,25 +343,53 @@ class Engine:
             self.rows[sequence.row] = None
         sequence.row = None
 
-    def step(self):
-        """Advances every running sequence by one token.
+    def step(self, num_steps=1):
+        """Advances every running sequence by up to `num_steps` tokens.
+
+        One step feeds each row's last token and picks its next. With
+        `num_steps > 1`, rows that need no host work between tokens (no
+        grammar, stop strings, streamed text or custom sampler) run up to
+        `num_steps` steps (at most 64) in one compiled loop, which ends
+        early once every row has stopped; otherwise one step is run. The
+        loop is the faster path: a compiled call costs about a quarter of a
+        small model's step on XLA:CPU beyond the step itself (30.8 ms a
+        step in a loop of 16 against 39 ms called one by one, JAX, the
+        benchmark's small config), and the host's work is paid once.
+
+        Args:
+            num_steps: int. The most tokens to add to each sequence.
 
         Returns:
-            A list of `(sequence, text)` for the running sequences: the text
-            that their new token settled (maybe `""`).
+            A list of `(sequence, text)`, one per generated token in order:
+            the text that the token settled (maybe `""`).
         """
         running = self.running
         if not running:
             return []
+        if int(num_steps) < 1:
+            raise ValueError(
+                f"`num_steps` must be at least 1, not {num_steps}."
+            )
         self._init_cache()
+        max_steps = 1
+        if num_steps > 1 and not any(_needs_host(s) for s in running):
+            max_steps = _steps_bucket(num_steps)
+            num_steps = min(
+                num_steps, max_steps, max(self._room(s) for s in running)
+            )
+        else:
+            num_steps = 1
         token_ids = np.zeros((self.max_batch, 1), "int32")
         positions = np.zeros(self.max_batch, "int32")
+        remaining = np.zeros(self.max_batch, "int32")
         for row, sequence in enumerate(self.rows):
             if sequence is not None:
                 # A finished row writes its own last token again: the same
                 # key and value at the same slot, so its cache stays whole.
                 token_ids[row, 0] = sequence.ids[-1]
                 positions[row] = len(sequence.ids) - 1
+                if not sequence.finished:
+                    remaining[row] = self._room(sequence)
         params = [
             s.params if s is not None and not s.finished else _IDLE
             for s in self.rows
@@ -390,13 +418,14 @@ class Engine:
                     sequence.constraint.allowed(), self.vocabulary_size
                 )
             arrays["allowed"] = allowed
-        arrays["uniform"] = np.asarray(
-            [
-                s.random.next() if s is not None and not s.finished else 0.0
-                for s in self.rows
-            ],
-            "float32",
-        )
+        # Each running row draws one uniform per step it may take, in order:
+        # a draw left unused belongs to a row that has stopped.
+        uniform = np.zeros((max_steps, self.max_batch), "float32")
+        for row, sequence in enumerate(self._live_rows()):
+            if sequence is not None:
+                for i in range(num_steps):
+                    uniform[i, row] = sequence.random.next()
+        arrays["uniform"] = uniform
         top_logprobs = max(s.params.top_logprobs for s in running)
         custom = _custom_sampler(running)
         outputs = self._functions()["step"](
@@ -404,35 +433,62 @@ class Engine:
             ops.convert_to_tensor(positions),
             self.cache,
             {k: ops.convert_to_tensor(v) for k, v in arrays.items()},
+            ops.convert_to_tensor(remaining),
+            ops.convert_to_tensor(self._stop_ids(running)),
+            ops.convert_to_tensor(num_steps, "int32"),
+            max_steps=max_steps,
             features=features,
             top_logprobs=top_logprobs,
             custom_sampler=custom is not None,
         )
-        tokens, logprobs, top_values, top_ids, self.cache = outputs
+        (tokens, logprobs, top_values, top_ids), steps, self.cache = outputs
         tokens = ops.convert_to_numpy(tokens)
         logprobs = ops.convert_to_numpy(logprobs)
         if top_logprobs:
             top_values = ops.convert_to_numpy(top_values)
             top_ids = ops.convert_to_numpy(top_ids)
         events = []
-        for row, sequence in enumerate(self.rows):
-            if sequence is None:
-                continue
-            sequence.cached = len(sequence.ids)
-            if sequence.finished:
-                continue
-            top = None
-            if sequence.params.top_logprobs:
-                k = sequence.params.top_logprobs
-                top = {
-                    int(i): float(v)
-                    for i, v in zip(top_ids[row, :k], top_values[row, :k])
-                }
-            piece = sequence._accept(
-                int(tokens[row]), float(logprobs[row]), top, self.max_length
-            )
-            events.append((sequence, piece))
+        for i in range(int(ops.convert_to_numpy(steps))):
+            for row, sequence in enumerate(self.rows):
+                if sequence is None:
+                    continue
+                sequence.cached = len(sequence.ids)
+                if sequence.finished:
+                    continue
+                top = None
+                if sequence.params.top_logprobs:
+                    k = sequence.params.top_logprobs
+                    top = {
+                        int(t): float(v)
+                        for t, v in zip(
+                            top_ids[i, row, :k], top_values[i, row, :k]
+                        )
+                    }
+                piece = sequence._accept(
+                    int(tokens[i, row]),
+                    float(logprobs[i, row]),
+                    top,
+                    self.max_length,
+                )
+                events.append((sequence, piece))
         return events
+
+    def _room(self, sequence):
+        """Tokens `sequence` may still generate (its budget, the rows')."""
+        return min(
+            sequence.max_new_tokens - len(sequence.output_ids),
+            self.max_length - len(sequence.ids),
+        )
+
+    def _stop_ids(self, running):
+        """`[max_batch, n]` stop ids of each row, padded with -1 (never an
+        id) to a multiple of 4, so that a few more ids do not recompile."""
+        width = max([len(s.stop_token_ids) for s in running] + [1])
+        stop_ids = np.full((self.max_batch, -(-width // 4) * 4), -1, "int32")
+        for sequence in running:
+            ids = sorted(sequence.stop_token_ids)
+            stop_ids[sequence.row, : len(ids)] = ids
+        return stop_ids
 
     def _live_rows(self):
         return [
@@ -447,7 +503,7 @@ class Engine:
         """
         self.add(sequences)
         while any(not s.finished for s in sequences):
-            self.step()
+            self.step(num_steps=BLOCK_STEPS)
         for sequence in sequences:
             self.remove(sequence)
         return [s.result() for s in sequences]
@@ -455,6 +511,30 @@ class Engine:
 
 # The settings of an empty or finished row: greedy, no controls.
 _IDLE = sampling.SamplingParams()
+# Steps per compiled loop in `Engine.run` (so `generate`): past 16 a step
+# gains little (30.8 ms at 16 on the benchmark's small config, JAX, from 39
+# one by one), and a block should stay short enough for joins between
+# blocks.
+BLOCK_STEPS = 32
+_MAX_STEPS = 64
+
+
+def _steps_bucket(num_steps):
+    """The compiled loop length for `num_steps`: a power of two, at most
+    64, so that `step(num_steps=k)` compiles once per bucket."""
+    size = 2
+    while size < min(int(num_steps), _MAX_STEPS):
+        size *= 2
+    return size
+
+
+def _needs_host(sequence):
+    """Whether `sequence` needs the host between its tokens."""
+    return (
+        sequence.constraint is not None
+        or sequence.stream is not None
+        or sequence.sampler is not None
+    )
 
 
 def _needs_counts(params):
@@ -557,3 +637,131 @@ def decode_and_sample(
     logprobs, top = sampling.log_probs(logits, tokens, top_logprobs)
     top_values, top_ids = top if top_logprobs else (None, None)
     return tokens, logprobs, top_values, top_ids, cache
+
+
+def decode_steps(
+    model,
+    token_ids,
+    positions,
+    cache,
+    arrays,
+    remaining,
+    stop_ids,
+    num_steps,
+    max_steps=1,
+    features=(),
+    top_logprobs=0,
+    custom_sampler=False,
+):
+    """Up to `num_steps` engine steps in one compiled loop.
+
+    Each step is `decode_and_sample` with the step's row of
+    `arrays["uniform"]` (`[max_steps, batch]`). A row runs while it has
+    `remaining` tokens and has not picked one of its `stop_ids`; then it
+    feeds its last token again at its last position, as a finished row
+    does between single steps. The repetition and presence/frequency
+    counts follow the picked tokens inside the loop. The loop ends after
+    `num_steps` steps or once every row has stopped.
+
+    Returns:
+        `((tokens, logprobs, top_values, top_ids), steps, cache)`: the
+        first four `[max_steps, batch, ...]` (the first `steps` filled),
+        the top ones `None` without `top_logprobs`.
+    """
+
+    def one_step(token_ids, positions, cache, step_arrays):
+        return decode_and_sample(
+            model,
+            token_ids,
+            positions,
+            cache,
+            step_arrays,
+            features=features,
+            top_logprobs=top_logprobs,
+            custom_sampler=custom_sampler,
+        )
+
+    uniform = arrays["uniform"]
+    if max_steps == 1:
+        *picked, cache = one_step(
+            token_ids, positions, cache, dict(arrays, uniform=uniform[0])
+        )
+        picked = [None if x is None else ops.expand_dims(x, 0) for x in picked]
+        return tuple(picked), ops.convert_to_tensor(1, "int32"), cache
+
+    batch = ops.shape(token_ids)[0]
+    vocabulary = model.backbone.vocabulary_size
+    state = {
+        "i": ops.convert_to_tensor(0, "int32"),
+        "token_ids": token_ids,
+        "positions": positions,
+        "remaining": remaining,
+        "cache": cache,
+        "tokens": ops.zeros((max_steps, batch), "int32"),
+        "logprobs": ops.zeros((max_steps, batch), "float32"),
+    }
+    if top_logprobs:
+        state["top_values"] = ops.zeros(
+            (max_steps, batch, top_logprobs), "float32"
+        )
+        state["top_ids"] = ops.zeros((max_steps, batch, top_logprobs), "int32")
+    for name in ("seen", "counts"):
+        if name in arrays:
+            state[name] = arrays[name]
+
+    def cond(state):
+        return ops.logical_and(
+            state["i"] < num_steps, ops.any(state["remaining"] > 0)
+        )
+
+    def body(state):
+        i = state["i"]
+        step_arrays = dict(arrays, uniform=ops.take(uniform, i, axis=0))
+        for name in ("seen", "counts"):
+            if name in state:
+                step_arrays[name] = state[name]
+        new, logprobs, top_values, top_ids, cache = one_step(
+            state["token_ids"], state["positions"], state["cache"], step_arrays
+        )
+        active = state["remaining"] > 0
+        new = ops.where(active, new, state["token_ids"][:, 0])
+        stopped = ops.any(ops.expand_dims(new, 1) == stop_ids, axis=1)
+        remaining = ops.where(
+            ops.logical_and(active, stopped), 0, state["remaining"] - 1
+        )
+        state = dict(
+            state,
+            i=i + 1,
+            token_ids=ops.expand_dims(new, 1),
+            positions=ops.where(
+                active, state["positions"] + 1, state["positions"]
+            ),
+            remaining=ops.maximum(remaining, 0),
+            cache=cache,
+            tokens=_write(state["tokens"], i, new),
+            logprobs=_write(state["logprobs"], i, logprobs),
+        )
+        if top_logprobs:
+            state["top_values"] = _write(state["top_values"], i, top_values)
+            state["top_ids"] = _write(state["top_ids"], i, top_ids)
+        if "counts" in state:
+            picked = ops.one_hot(new, vocabulary, dtype="float32")
+            picked = picked * ops.expand_dims(ops.cast(active, "float32"), 1)
+            state["counts"] = state["counts"] + picked
+            state["seen"] = ops.maximum(state["seen"], picked)
+        return state
+
+    (state,) = ops.while_loop(cond, lambda s: (body(s),), (state,))
+    picked = (
+        state["tokens"],
+        state["logprobs"],
+        state.get("top_values"),
+        state.get("top_ids"),
+    )
+    return picked, state["i"], state["cache"]
+
+
+def _write(buffer, i, value):
+    """`buffer` with `value` at index `i` of its first axis."""
+    start = [i] + [0] * (len(ops.shape(buffer)) - 1)
+    return ops.slice_update(buffer, start, ops.expand_dims(value, 0))

@@ -140,6 +140,13 @@ class Sequence:
         ids = [i for i in self.output_ids if i not in self.stop_token_ids]
         return detokenize(self.tokenizer, ids) if self.tokenizer else ""
 
+    def room(self, limit):
+        """Tokens this sequence may still generate: the rest of its
+        `max_new_tokens`, and of `limit` positions in all."""
+        return min(
+            self.max_new_tokens - len(self.output_ids), limit - len(self.ids)
+        )
+
     def _accept(self, token, logprob, top, limit):
         """Appends a sampled token; returns the text it settles."""
         self.ids.append(token)
@@ -161,10 +168,7 @@ class Sequence:
                 self.constraint.advance(token)
                 if self.constraint.is_finished():
                     self.finish_reason = "stop"
-        if not self.finished and (
-            len(self.output_ids) >= self.max_new_tokens
-            or len(self.ids) >= limit
-        ):
+        if not self.finished and self.room(limit) <= 0:
             self.finish_reason = "length"
         if self.finished and self.stream is not None:
             # Text held back for a stop string that never came.
@@ -375,7 +379,9 @@ class Engine:
         if num_steps > 1 and not any(_needs_host(s) for s in running):
             max_steps = _steps_bucket(num_steps)
             num_steps = min(
-                num_steps, max_steps, max(self._room(s) for s in running)
+                num_steps,
+                max_steps,
+                max(s.room(self.max_length) for s in running),
             )
         else:
             num_steps = 1
@@ -389,7 +395,7 @@ class Engine:
                 token_ids[row, 0] = sequence.ids[-1]
                 positions[row] = len(sequence.ids) - 1
                 if not sequence.finished:
-                    remaining[row] = self._room(sequence)
+                    remaining[row] = sequence.room(self.max_length)
         params = [
             s.params if s is not None and not s.finished else _IDLE
             for s in self.rows
@@ -472,13 +478,6 @@ class Engine:
                 )
                 events.append((sequence, piece))
         return events
-
-    def _room(self, sequence):
-        """Tokens `sequence` may still generate (its budget, the rows')."""
-        return min(
-            sequence.max_new_tokens - len(sequence.output_ids),
-            self.max_length - len(sequence.ids),
-        )
 
     def _stop_ids(self, running):
         """`[max_batch, n]` stop ids of each row, padded with -1 (never an
@@ -727,7 +726,7 @@ def decode_steps(
         new = ops.where(active, new, state["token_ids"][:, 0])
         stopped = ops.any(ops.expand_dims(new, 1) == stop_ids, axis=1)
         remaining = ops.where(
-            ops.logical_and(active, stopped), 0, state["remaining"] - 1
+            stopped, 0, ops.maximum(state["remaining"] - 1, 0)
         )
         state = dict(
             state,
@@ -736,7 +735,7 @@ def decode_steps(
             positions=ops.where(
                 active, state["positions"] + 1, state["positions"]
             ),
-            remaining=ops.maximum(remaining, 0),
+            remaining=remaining,
             cache=cache,
             tokens=_write(state["tokens"], i, new),
             logprobs=_write(state["logprobs"], i, logprobs),

@@ -227,11 +227,14 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
             new_caches.append(cache)
         return direct.call(self.final_normalization, x), new_caches
 
-    def cache_capacities(self, max_length):
+    def cache_capacities(self, max_length, draft_tokens=0):
         """Positions each layer's cache holds when generating `max_length`.
 
         Global layers keep every position; local layers only their window,
-        as a ring.
+        as a ring. With `draft_tokens=k` (speculative decoding) every cache
+        has `k` more slots: a verification writes up to `k` drafts past the
+        last accepted position, and in a ring of `window + k` a rejected
+        draft overwrites only positions that have left the window.
 
         Example:
         ```python
@@ -240,15 +243,18 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
         ```
         """
         return tuple(
-            cache_capacity(block.window_size, max_length)
+            cache_capacity(
+                block.window_size and block.window_size + draft_tokens,
+                max_length + draft_tokens,
+            )
             for block in self.transformer_layers
         )
 
-    def init_cache(self, batch_size, max_length, dtype=None):
+    def init_cache(self, batch_size, max_length, dtype=None, draft_tokens=0):
         """Empty per-layer `(keys, values)` caches for `max_length` tokens.
 
         Each is `[batch_size, capacity, num_key_value_heads, head_dim]` with
-        the capacities of `cache_capacities`.
+        the capacities of `cache_capacities(max_length, draft_tokens)`.
         """
         dtype = dtype or self.compute_dtype
         return tuple(
@@ -264,7 +270,7 @@ class Gemma2Backbone(presets_lib.RegisteredPresetsMixin, Backbone):
                 )
                 for _ in range(2)
             )
-            for capacity in self.cache_capacities(max_length)
+            for capacity in self.cache_capacities(max_length, draft_tokens)
         )
 
     def enable_lora(self, rank, target_layer_names=None):

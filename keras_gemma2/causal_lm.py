@@ -13,6 +13,7 @@ from keras_gemma2.backbone import Gemma2Backbone
 from keras_gemma2.causal_lm_preprocessor import Gemma2CausalLMPreprocessor
 from keras_gemma2.convert import to_huggingface
 from keras_gemma2.generation import api as generation_api
+from keras_gemma2.generation import speculative
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma2")
@@ -235,24 +236,35 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         )
         return hidden_states, tuple(cache)
 
-    def _build_cache(self, token_ids, max_length=None, valid_length=None):
+    def _build_cache(
+        self, token_ids, max_length=None, valid_length=None, draft_tokens=0
+    ):
         """Caches for `max_length` tokens, filled by a prefill of `token_ids`.
 
         The prefill runs over `token_ids` only (a bucket around the
         shortest prompt), not over the whole generation length.
         """
         batch_size, length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        cache = self.backbone.init_cache(batch_size, max_length or length)
+        cache = self.backbone.init_cache(
+            batch_size, max_length or length, draft_tokens=draft_tokens
+        )
         return self._decode_cache(token_ids, cache, 0, valid_length, False)
 
-    def _prefill(self, prefill_ids, valid_length, max_length):
-        return self._build_cache(prefill_ids, max_length, valid_length)[1]
+    def _prefill(self, prefill_ids, valid_length, max_length, draft_tokens=0):
+        return self._build_cache(
+            prefill_ids, max_length, valid_length, draft_tokens
+        )[1]
 
     def _decode_step(
         self, token_ids, positions, cache, arrays, *rest, **static
     ):
         return generation.decode_steps(
             self, token_ids, positions, cache, arrays, *rest, **static
+        )
+
+    def _verify(self, token_ids, positions, cache, *rest, **static):
+        return speculative.verify(
+            self, token_ids, positions, cache, *rest, **static
         )
 
     def _extend(self, token_ids, cache, start):
@@ -264,7 +276,9 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         if self._compiled_generation is None:
             self._compiled_generation = {
                 "prefill": generation.compile_function(
-                    self, self._prefill, static_argnames=("max_length",)
+                    self,
+                    self._prefill,
+                    static_argnames=("max_length", "draft_tokens"),
                 ),
                 "step": generation.compile_function(
                     self,
@@ -279,6 +293,12 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
                     donate_argnums=(2,),
                 ),
                 "extend": generation.compile_function(self, self._extend),
+                "verify": generation.compile_function(
+                    self,
+                    self._verify,
+                    static_argnames=("features", "top_logprobs"),
+                    donate_argnums=(2,),
+                ),
             }
         return self._compiled_generation
 
@@ -362,6 +382,8 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
         json_schema=None,
         grammar=None,
         params=None,
+        speculative=None,
+        num_draft_tokens=4,
         **controls,
     ):
         """Generates text (or token ids) from prompts.
@@ -401,6 +423,18 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
                 of `json_schema`.
             params: a `keras_gemma2.sampling.SamplingParams`, or a list with
                 one per prompt (per-row settings in one batch).
+            speculative: `"prompt_lookup"` to decode speculatively: each
+                step drafts up to `num_draft_tokens` tokens from an earlier
+                occurrence of the text's last few tokens (in the prompt or
+                the output) and verifies them in one forward pass. Greedy
+                output is unchanged, token for token; sampled output keeps
+                its distribution (the rejection rule of Leviathan et al.),
+                though a seed then reproduces a text only in the same
+                batch. Faster where the answer copies its context; rows
+                with penalties or a grammar do not draft. With
+                `return_details`, each result counts its drafted and
+                accepted tokens.
+            num_draft_tokens: int, 1 to 16. The most drafts per step.
             **controls: sampling controls for every prompt, over the
                 compiled sampler's: `temperature` (0 is greedy), `top_k`,
                 `top_p`, `min_p`, `repetition_penalty` (transformers'
@@ -441,6 +475,8 @@ class Gemma2CausalLM(presets_lib.RegisteredPresetsMixin, CausalLM):
             json_schema=json_schema,
             grammar=grammar,
             params=params,
+            speculative=speculative,
+            num_draft_tokens=num_draft_tokens,
             **controls,
         )
         return generation_api.generate(

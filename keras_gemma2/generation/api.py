@@ -14,6 +14,7 @@ import numpy as np
 from keras_gemma2 import sampling
 from keras_gemma2 import structured
 from keras_gemma2.generation import compiled
+from keras_gemma2.generation import speculative as speculative_lib
 from keras_gemma2.generation.engine import Engine
 from keras_gemma2.generation.engine import Sequence
 from keras_gemma2.generation.text import detokenize
@@ -50,10 +51,13 @@ def generate(
     json_schema=None,
     grammar=None,
     params=None,
+    speculative=None,
+    num_draft_tokens=4,
     **controls,
 ):
     """`Gemma2CausalLM.generate` (see its docstring)."""
     _check_lengths(max_length, max_new_tokens)
+    draft_tokens = speculative_lib.check_options(speculative, num_draft_tokens)
     stop_token_ids = _stop_token_ids(lm, stop_token_ids)
     stop = check_stop(stop)
     params = resolve_params(lm, params, controls)
@@ -63,6 +67,7 @@ def generate(
         "json_schema": json_schema,
         "grammar": grammar,
         "stream": stream,
+        "speculative": speculative,
     }
     if params is None and not compiled.picks_one_token_per_step(lm.sampler):
         used = [name for name, value in engine_only.items() if value]
@@ -98,6 +103,8 @@ def generate(
                 json_schema=json_schema,
                 grammar=grammar,
                 params=params,
+                speculative=speculative,
+                num_draft_tokens=num_draft_tokens,
             ),
         )
     as_dict = isinstance(inputs, dict)
@@ -121,6 +128,7 @@ def generate(
         lm,
         max_batch=len(sequences),
         max_length=compiled.bucket_length(longest),
+        num_draft_tokens=draft_tokens,
     )
     if stream:
         return _stream(engine, sequences[0])
@@ -423,7 +431,7 @@ def _full_text(lm, sequence, result):
 def _stream(engine, sequence):
     engine.add([sequence])
     while not sequence.finished:
-        for _, piece in engine.step():
+        for _, piece in engine.advance():
             if piece:
                 yield piece
     engine.remove(sequence)

@@ -26,6 +26,7 @@ from keras import ops
 
 from keras_gemma2 import sampling
 from keras_gemma2.generation import compiled
+from keras_gemma2.generation import speculative
 from keras_gemma2.generation.text import TextStream
 from keras_gemma2.generation.text import detokenize
 
@@ -45,6 +46,9 @@ class GenerationResult:
         top_logprobs: with `top_logprobs=k`, one dict per generated token
             of the `k` most likely ids and their log-probabilities.
         prompt_tokens: tokens in the prompt, `<bos>` included.
+        draft_tokens: with speculative decoding, the tokens drafted for
+            this sequence.
+        accepted_tokens: how many of the drafts were kept.
     """
 
     text: str
@@ -53,6 +57,8 @@ class GenerationResult:
     logprobs: list
     top_logprobs: list = None
     prompt_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 class Sequence:
@@ -111,6 +117,10 @@ class Sequence:
         self.row = None
         # Token counts for the penalties: output only, and prompt too.
         self.counts = self.seen = None
+        # Speculative decoding: tokens drafted and kept; drafting waits
+        # until `ids` reach `_draft_after` after a step that kept none.
+        self.drafted = self.accepted = 0
+        self._draft_pause = self._draft_after = 0
 
     @property
     def finished(self):
@@ -131,6 +141,8 @@ class Sequence:
             if self.params.top_logprobs
             else None,
             prompt_tokens=len(self.prompt_ids),
+            draft_tokens=self.drafted,
+            accepted_tokens=self.accepted,
         )
 
     def text(self):
@@ -183,6 +195,10 @@ class Engine:
         lm: a `Gemma2CausalLM`.
         max_batch: int. Rows in the batch.
         max_length: int. Positions each row holds (prompt and output).
+        num_draft_tokens: int. With more than 0, `run` decodes
+            speculatively (`speculative_step`): each step drafts up to this
+            many tokens per sequence by prompt lookup and verifies them in
+            one pass (`keras_gemma2.generation.speculative`).
 
     Example:
     ```python
@@ -206,10 +222,13 @@ class Engine:
     ```
     """
 
-    def __init__(self, lm, max_batch=8, max_length=1024):
+    def __init__(self, lm, max_batch=8, max_length=1024, num_draft_tokens=0):
         self.lm = lm
         self.max_batch = int(max_batch)
         self.max_length = int(max_length)
+        self.num_draft_tokens = int(num_draft_tokens)
+        # Plain steps to take before drafting again (see `run`).
+        self._plain_steps = 0
         self.vocabulary_size = lm.backbone.vocabulary_size
         self.rows = [None] * self.max_batch
         self.cache = None
@@ -227,7 +246,9 @@ class Engine:
     def _init_cache(self):
         if self.cache is None:
             self.cache = self.lm.backbone.init_cache(
-                self.max_batch, self.max_length
+                self.max_batch,
+                self.max_length,
+                draft_tokens=self.num_draft_tokens,
             )
 
     def add(self, sequences, reuse=None):
@@ -292,6 +313,7 @@ class Engine:
             ops.convert_to_tensor(token_ids),
             ops.convert_to_tensor(np.maximum(lengths, 1).astype("int32")),
             max_length=self.max_length,
+            draft_tokens=self.num_draft_tokens,
         )
         rows = [s.row for s in sequences]
         if rows == list(range(self.max_batch)):
@@ -396,26 +418,7 @@ class Engine:
                 positions[row] = len(sequence.ids) - 1
                 if not sequence.finished:
                     remaining[row] = sequence.room(self.max_length)
-        params = [
-            s.params if s is not None and not s.finished else _IDLE
-            for s in self.rows
-        ]
-        features = sampling.features(params)
-        arrays = sampling.stack(params, self.vocabulary_size)
-        if "repetition" in features or "penalties" in features:
-            zeros = np.zeros(self.vocabulary_size, "float32")
-            arrays["seen"] = np.stack(
-                [
-                    zeros if s is None or s.seen is None else s.seen
-                    for s in self._live_rows()
-                ]
-            )
-            arrays["counts"] = np.stack(
-                [
-                    zeros if s is None or s.counts is None else s.counts
-                    for s in self._live_rows()
-                ]
-            )
+        features, arrays = self._sampling_arrays()
         constrained = [s for s in running if s.constraint is not None]
         if constrained:
             allowed = np.ones((self.max_batch, self.vocabulary_size), bool)
@@ -479,6 +482,157 @@ class Engine:
                 events.append((sequence, piece))
         return events
 
+    def _sampling_arrays(self):
+        """`(features, arrays)`: the rows' sampling settings for a step
+        (`sampling.features`, `sampling.stack`), with the token counts of
+        the penalties."""
+        params = [
+            s.params if s is not None and not s.finished else _IDLE
+            for s in self.rows
+        ]
+        features = sampling.features(params)
+        arrays = sampling.stack(params, self.vocabulary_size)
+        if "repetition" in features or "penalties" in features:
+            zeros = np.zeros(self.vocabulary_size, "float32")
+            arrays["seen"] = np.stack(
+                [
+                    zeros if s is None or s.seen is None else s.seen
+                    for s in self._live_rows()
+                ]
+            )
+            arrays["counts"] = np.stack(
+                [
+                    zeros if s is None or s.counts is None else s.counts
+                    for s in self._live_rows()
+                ]
+            )
+        return features, arrays
+
+    def speculative_step(self):
+        """Drafts by prompt lookup and verifies every row's drafts at once.
+
+        Each running sequence that may draft (no penalties, grammar or
+        custom sampler; see `keras_gemma2.generation.speculative`) drafts
+        up to `num_draft_tokens` tokens; one forward pass over each row's
+        last token and drafts, at the row's own position, keeps the drafts
+        the model agrees with and adds one token of the model's own. Rows
+        without drafts take one token, as in `step`. A row whose drafts
+        were all rejected pauses drafting for 1, 2, 4, ... up to 16 tokens
+        (reset by a kept draft), so text with nothing to copy costs little.
+
+        Returns:
+            The `(sequence, text)` events as `step` does, or `None` when no
+            row drafted (nothing was run: take a plain `step`).
+        """
+        running = self.running
+        k = self.num_draft_tokens
+        if (
+            not running
+            or k < 1
+            or any(s.constraint is not None or s.sampler for s in running)
+        ):
+            return None
+        drafts = {}
+        for sequence in running:
+            if _needs_counts(sequence.params):
+                continue
+            if len(sequence.ids) < sequence._draft_after:
+                continue
+            budget = min(k, sequence.room(self.max_length) - 1)
+            found = speculative.prompt_lookup(sequence.ids, budget)
+            if found:
+                drafts[sequence.row] = found
+        if not drafts:
+            return None
+        self._init_cache()
+        columns = k + 1
+        token_ids = np.zeros((self.max_batch, columns), "int32")
+        positions = np.zeros(self.max_batch, "int32")
+        num_drafts = np.zeros(self.max_batch, "int32")
+        uniform = np.zeros((self.max_batch, 2, columns), "float32")
+        for row, sequence in enumerate(self.rows):
+            if sequence is None:
+                continue
+            token_ids[row, 0] = sequence.ids[-1]
+            positions[row] = len(sequence.ids) - 1
+            found = drafts.get(row, [])
+            token_ids[row, 1 : 1 + len(found)] = found
+            num_drafts[row] = len(found)
+            if sequence.finished:
+                continue
+            if found:
+                for i in range(2 * columns):
+                    uniform[row, i // columns, i % columns] = (
+                        sequence.random.next()
+                    )
+            else:
+                # One draw, as a plain step takes.
+                uniform[row, 1, 0] = sequence.random.next()
+        features, arrays = self._sampling_arrays()
+        arrays["uniform"] = uniform.reshape(self.max_batch, -1)
+        top_logprobs = max(s.params.top_logprobs for s in running)
+        *outputs, self.cache = self._functions()["verify"](
+            ops.convert_to_tensor(token_ids),
+            ops.convert_to_tensor(positions),
+            self.cache,
+            {name: ops.convert_to_tensor(v) for name, v in arrays.items()},
+            ops.convert_to_tensor(num_drafts),
+            features=features,
+            top_logprobs=top_logprobs,
+        )
+        accepted, tokens, draft_logprobs, logprobs = (
+            ops.convert_to_numpy(x) for x in outputs[:4]
+        )
+        if top_logprobs:
+            top_values, top_ids = (ops.convert_to_numpy(x) for x in outputs[4:])
+        events = []
+        for row, sequence in enumerate(self.rows):
+            if sequence is None:
+                continue
+            before = len(sequence.ids)
+            if sequence.finished:
+                sequence.cached = before
+                continue
+            drafted = int(num_drafts[row])
+            kept = 0
+            while kept < drafted and accepted[row, kept]:
+                kept += 1
+            picks = [
+                (int(token_ids[row, j + 1]), float(draft_logprobs[row, j]))
+                for j in range(kept)
+            ] + [(int(tokens[row, kept]), float(logprobs[row, kept]))]
+            for column, (token, logprob) in enumerate(picks):
+                top = None
+                if sequence.params.top_logprobs:
+                    n = sequence.params.top_logprobs
+                    top = {
+                        int(t): float(v)
+                        for t, v in zip(
+                            top_ids[row, column, :n],
+                            top_values[row, column, :n],
+                        )
+                    }
+                piece = sequence._accept(token, logprob, top, self.max_length)
+                events.append((sequence, piece))
+                if sequence.finished:
+                    break
+            kept = min(kept, len(sequence.ids) - before)
+            # The cache holds the fed tokens up to the last kept draft.
+            sequence.cached = before + kept
+            if drafted:
+                sequence.drafted += drafted
+                sequence.accepted += kept
+                if kept:
+                    sequence._draft_pause = 0
+                else:
+                    sequence._draft_pause = min(
+                        2 * sequence._draft_pause or 1, _MAX_DRAFT_PAUSE
+                    )
+                sequence._draft_after = (
+                    len(sequence.ids) + sequence._draft_pause
+                )
+        return events
+
     def _stop_ids(self, running):
         """`[max_batch, n]` stop ids of each row, padded with -1 (never an
         id) to a multiple of 4, so that a few more ids do not recompile."""
@@ -494,6 +648,17 @@ class Engine:
             s if s is not None and not s.finished else None for s in self.rows
         ]
 
+    def advance(self, num_steps=1):
+        """A `speculative_step` if the engine drafts and a row has drafts,
+        else `step(num_steps)` (at most 4 steps while drafting, so that the
+        next lookup comes soon). Returns the events."""
+        if self.num_draft_tokens:
+            events = self.speculative_step()
+            if events is not None:
+                return events
+            num_steps = min(num_steps, _LOOKUP_STEPS)
+        return self.step(num_steps=num_steps)
+
     def run(self, sequences):
         """Adds `sequences`, steps until they finish, removes them.
 
@@ -502,7 +667,7 @@ class Engine:
         """
         self.add(sequences)
         while any(not s.finished for s in sequences):
-            self.step(num_steps=BLOCK_STEPS)
+            self.advance(BLOCK_STEPS)
         for sequence in sequences:
             self.remove(sequence)
         return [s.result() for s in sequences]
@@ -516,6 +681,10 @@ _IDLE = sampling.SamplingParams()
 # blocks.
 BLOCK_STEPS = 32
 _MAX_STEPS = 64
+# Speculative decoding: plain steps between lookups that found nothing, and
+# the longest pause of a row whose drafts keep failing.
+_LOOKUP_STEPS = 4
+_MAX_DRAFT_PAUSE = 16
 
 
 def _steps_bucket(num_steps):

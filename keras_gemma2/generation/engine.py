@@ -227,8 +227,6 @@ class Engine:
         self.max_batch = int(max_batch)
         self.max_length = int(max_length)
         self.num_draft_tokens = int(num_draft_tokens)
-        # Plain steps to take before drafting again (see `run`).
-        self._plain_steps = 0
         self.vocabulary_size = lm.backbone.vocabulary_size
         self.rows = [None] * self.max_batch
         self.cache = None
@@ -464,15 +462,7 @@ class Engine:
                 sequence.cached = len(sequence.ids)
                 if sequence.finished:
                     continue
-                top = None
-                if sequence.params.top_logprobs:
-                    k = sequence.params.top_logprobs
-                    top = {
-                        int(t): float(v)
-                        for t, v in zip(
-                            top_ids[i, row, :k], top_values[i, row, :k]
-                        )
-                    }
+                top = _top_logprobs(sequence, top_ids, top_values, i, row)
                 piece = sequence._accept(
                     int(tokens[i, row]),
                     float(logprobs[i, row]),
@@ -561,10 +551,8 @@ class Engine:
             if sequence.finished:
                 continue
             if found:
-                for i in range(2 * columns):
-                    uniform[row, i // columns, i % columns] = (
-                        sequence.random.next()
-                    )
+                draws = [sequence.random.next() for _ in range(2 * columns)]
+                uniform[row] = np.reshape(draws, (2, columns))
             else:
                 # One draw, as a plain step takes.
                 uniform[row, 1, 0] = sequence.random.next()
@@ -583,6 +571,7 @@ class Engine:
         accepted, tokens, draft_logprobs, logprobs = (
             ops.convert_to_numpy(x) for x in outputs[:4]
         )
+        top_values, top_ids = outputs[4:]
         if top_logprobs:
             top_values, top_ids = (ops.convert_to_numpy(x) for x in outputs[4:])
         events = []
@@ -602,16 +591,7 @@ class Engine:
                 for j in range(kept)
             ] + [(int(tokens[row, kept]), float(logprobs[row, kept]))]
             for column, (token, logprob) in enumerate(picks):
-                top = None
-                if sequence.params.top_logprobs:
-                    n = sequence.params.top_logprobs
-                    top = {
-                        int(t): float(v)
-                        for t, v in zip(
-                            top_ids[row, column, :n],
-                            top_values[row, column, :n],
-                        )
-                    }
+                top = _top_logprobs(sequence, top_ids, top_values, row, column)
                 piece = sequence._accept(token, logprob, top, self.max_length)
                 events.append((sequence, piece))
                 if sequence.finished:
@@ -703,6 +683,16 @@ def _needs_host(sequence):
         or sequence.stream is not None
         or sequence.sampler is not None
     )
+
+
+def _top_logprobs(sequence, ids, values, *index):
+    """`{id: logprob}` of `sequence`'s `top_logprobs` best alternatives at
+    `ids[index]`, `values[index]` (the batch's widest `k`); `None` if it
+    asked for none."""
+    k = sequence.params.top_logprobs
+    if not k:
+        return None
+    return {int(t): float(v) for t, v in zip(ids[index][:k], values[index][:k])}
 
 
 def _needs_counts(params):

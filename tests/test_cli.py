@@ -8,6 +8,16 @@ import keras
 import pytest
 
 
+# The command line's own work, the same on every backend: its error messages
+# and flags' plumbing. Each runs once, in the torch pass (the shortest); what
+# they call has its own tests on every backend (test_convert.py converts,
+# test_generation.py generates).
+cli_only = pytest.mark.skipif(
+    keras.config.backend() != "torch",
+    reason="the command line's own work; runs once, in the torch pass",
+)
+
+
 def _user_env():
     """The environment of a user who set nothing to quiet the backends."""
     quiet = ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY", "GLOG_minloglevel")
@@ -46,6 +56,7 @@ def test_generate_prints_the_text_alone():
     assert result.stdout == lm.generate("The", max_new_tokens=8) + "\n"
 
 
+@cli_only
 def test_generate_with_max_length():
     backend = keras.config.backend()
     result = _run(
@@ -136,6 +147,7 @@ def test_help_imports_no_backend(args):
     assert result.stderr.strip() == "[]"
 
 
+@cli_only
 def test_unknown_preset_is_a_clear_error():
     result = _run("generate", "Hi", "--preset", "gemma2_2b_eng")
     assert result.returncode != 0
@@ -143,6 +155,7 @@ def test_unknown_preset_is_a_clear_error():
     assert "Traceback" not in result.stderr
 
 
+@cli_only
 def test_bad_max_length_is_a_clear_error():
     result = _run("generate", "Hi", "--max-length", "1")
     assert result.returncode != 0
@@ -157,6 +170,7 @@ def test_bad_max_length_is_a_clear_error():
     assert "not allowed with argument" in result.stderr
 
 
+@cli_only
 def test_convert_a_hugging_face_checkpoint(tmp_path):
     import numpy as np
 
@@ -275,6 +289,7 @@ def test_finetune_writes_a_preset_and_adapters(tmp_path):
     )
 
 
+@cli_only
 def test_finetune_bad_data_is_a_clear_error(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"question": "x", "answer": "y"}\n')
@@ -325,6 +340,7 @@ def test_finetune_int8_dropout_accumulation_backup_and_peft(tmp_path):
     )
 
 
+@cli_only
 def test_finetune_quantize_without_lora_is_a_clear_error(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"prompt": "x", "response": "y"}\n')

@@ -5,6 +5,7 @@ References: transformers' `generate` (greedy, with a repetition penalty),
 our `score()` (for logprobs) and each sequence generated alone.
 """
 
+import functools
 import json
 
 import keras
@@ -20,8 +21,18 @@ from tests.test_causal_lm import _lm
 from tests.test_causal_lm import _prompts
 
 
+# One model of each kind for the tests that leave it as it is (no
+# `compile`, no patched methods), so that they share its compiled prefill
+# and steps: on JAX and TensorFlow, tracing and compiling them again for
+# every test cost more than the tests themselves.
+@functools.lru_cache(maxsize=None)
 def _preset_lm():
     return keras_gemma2.Gemma2CausalLM.from_preset("gemma2_tiny_en")
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_lm():
+    return _lm()
 
 
 def _rows(inputs, lengths):
@@ -42,7 +53,7 @@ MIXED = [
 
 class PerSequenceStateTest(TestCase):
     def test_a_batch_equals_each_sequence_alone(self):
-        _, lm = _lm()
+        _, lm = _shared_lm()
         lengths = [2, 9, 5, 3]
         inputs = _prompts(lengths, 9, seed=4)
         together = lm.generate(
@@ -71,7 +82,7 @@ class PerSequenceStateTest(TestCase):
         self.assertNotEqual(together[1].token_ids, greedy[1].token_ids)
 
     def test_greedy_rows_match_transformers(self):
-        hf, lm = _lm()
+        hf, lm = _shared_lm()
         lengths = [2, 9, 5, 3]
         inputs = _prompts(lengths, 9, seed=4)
         results = lm.generate(
@@ -88,7 +99,7 @@ class PerSequenceStateTest(TestCase):
     def test_repetition_penalty_matches_transformers_generate(self):
         import torch
 
-        hf, lm = _lm()
+        hf, lm = _shared_lm()
         inputs = _prompts([6], 6, seed=9)
         ours = lm.generate(
             inputs,
@@ -109,7 +120,7 @@ class PerSequenceStateTest(TestCase):
         self.assertEqual(ours.token_ids, theirs[0, 6:].tolist())
 
     def test_a_seed_gives_the_same_tokens_each_call(self):
-        _, lm = _lm()
+        _, lm = _shared_lm()
         inputs = _prompts([4], 4, seed=1)
         runs = [
             lm.generate(
@@ -145,7 +156,7 @@ class PerSequenceStateTest(TestCase):
     def test_sequences_join_and_leave_a_running_batch(self):
         # One sequence runs 5 steps, a second joins at a different position,
         # a third takes the row the first leaves: each equals itself alone.
-        _, lm = _lm()
+        _, lm = _shared_lm()
         prompts = _rows(_prompts([3, 8, 5], 8, seed=6), [3, 8, 5])
 
         def sequence(row):
@@ -180,7 +191,7 @@ class PerSequenceStateTest(TestCase):
         # steps, with penalties counted inside the loop, a stop id hit
         # mid-block, a row that joins between blocks, and a cache that a
         # following turn can reuse.
-        _, lm = _lm()
+        _, lm = _shared_lm()
         lengths = [2, 9, 5, 3, 4]
         prompts = _rows(_prompts(lengths, 9, seed=7), lengths)
         params = [MIXED[1], MIXED[0], MIXED[3]] + [
@@ -254,7 +265,7 @@ class PerSequenceStateTest(TestCase):
                 )
 
     def test_a_full_engine_refuses_more_sequences(self):
-        _, lm = _lm()
+        _, lm = _shared_lm()
         engine = generation.Engine(lm, max_batch=1, max_length=16)
         engine.add([generation.Sequence([2, 5], max_new_tokens=2)])
         with self.assertRaisesRegex(ValueError, "free rows"):
@@ -263,7 +274,7 @@ class PerSequenceStateTest(TestCase):
 
 class DetailsTest(TestCase):
     def test_logprobs_equal_score(self):
-        _, lm = _lm()
+        _, lm = _shared_lm()
         lengths = [3, 7]
         inputs = _prompts(lengths, 7, seed=2)
         results = lm.generate(
@@ -303,7 +314,7 @@ class DetailsTest(TestCase):
                 )
 
     def test_finish_reasons(self):
-        _, lm = _lm()
+        _, lm = _shared_lm()
         inputs = _prompts([4], 4, seed=3)
         free = lm.generate(
             inputs, max_new_tokens=6, stop_token_ids=None, return_details=True
@@ -323,7 +334,7 @@ class DetailsTest(TestCase):
         self.assertEqual(stopped.token_ids, free.token_ids[: first + 1])
 
     def test_bad_controls_name_their_argument(self):
-        _, lm = _lm()
+        _, lm = _shared_lm()
         inputs = _prompts([3], 3)
         cases = [
             ({"temperature": -1.0}, "temperature"),
@@ -489,7 +500,7 @@ class MultiTurnTest(TestCase):
         self.assertIsNone(session.engine.cache)
 
     def test_reuse_refuses_a_prompt_that_does_not_continue(self):
-        _, lm = _lm()
+        _, lm = _shared_lm()
         engine = generation.Engine(lm, max_batch=1, max_length=32)
         first = generation.Sequence([2, 5, 6], max_new_tokens=3)
         engine.add([first])

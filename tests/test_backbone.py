@@ -92,6 +92,7 @@ class ConfigTest(TestCase):
             _logits(backbone, token_ids), _logits(restored, token_ids)
         )
 
+    @pytest.mark.long
     def test_keras_hub_backbone_contract(self):
         # KerasHub's precision check builds in bfloat16 and expects it kept,
         # which XLA:CPU would otherwise hold in float32 (Gemma2Backbone).

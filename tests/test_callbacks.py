@@ -5,6 +5,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 
 import keras_gemma2
 from keras_gemma2 import callbacks
@@ -112,6 +113,7 @@ def _metadata(state_dir):
 
 
 class ResumeTest(TestCase):
+    @pytest.mark.long
     def test_interrupted_lora_finetune_resumes_to_the_same_weights(self):
         fit = dict(epochs=3, batch_size=2, shuffle=False, verbose=0)
         reference = _lm()

@@ -88,6 +88,7 @@ class GreedyParityTest(TestCase):
 
 
 class SamplersTest(TestCase):
+    @pytest.mark.long
     def test_every_keras_hub_sampler_runs(self):
         _, lm = _lm()
         inputs = _prompts([3, 5], 9)

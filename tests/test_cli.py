@@ -7,7 +7,6 @@ import sys
 import keras
 import pytest
 
-
 # The command line's own work, the same on every backend: its error messages
 # and flags' plumbing. Each runs once, in the torch pass (the shortest); what
 # they call has its own tests on every backend (test_convert.py converts,
@@ -170,6 +169,7 @@ def test_bad_max_length_is_a_clear_error():
     assert "not allowed with argument" in result.stderr
 
 
+@pytest.mark.long
 @cli_only
 def test_convert_a_hugging_face_checkpoint(tmp_path):
     import numpy as np
@@ -215,6 +215,7 @@ def test_convert_a_hugging_face_checkpoint(tmp_path):
     assert "not empty" in again.stderr
 
 
+@pytest.mark.long
 def test_chat_streams_replies_turn_by_turn():
     import keras_gemma2
 
@@ -256,6 +257,7 @@ def test_chat_streams_replies_turn_by_turn():
     assert result.stdout == f"{first}\n{second}\n"
 
 
+@pytest.mark.long
 def test_finetune_writes_a_preset_and_adapters(tmp_path):
     import json
 

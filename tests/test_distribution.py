@@ -289,6 +289,7 @@ class MemoryTest(TestCase):
         self.assertIn(distribution.device_table(), readme)
 
 
+@pytest.mark.long
 @pytest.mark.skipif(
     keras.config.backend() != "jax", reason="a JAX subprocess; run once"
 )

@@ -185,6 +185,7 @@ class PerSequenceStateTest(TestCase):
             [s.result().token_ids for s in (first, second, third)], alone
         )
 
+    @pytest.mark.long
     def test_a_block_of_steps_equals_single_steps(self):
         # `step(num_steps=k)` runs k steps in one compiled loop: the same
         # tokens, logprobs, top logprobs and finish reasons as k single
@@ -463,6 +464,7 @@ class MultiTurnTest(TestCase):
         "Thank you, that is all for today.",
     ]
 
+    @pytest.mark.long
     def test_reuse_equals_re_prefilling_every_turn(self):
         lm = _preset_lm()
         session = keras_gemma2.ChatSession(

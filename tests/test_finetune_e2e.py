@@ -43,6 +43,7 @@ def _exact_match(lm, pairs):
     )
 
 
+@pytest.mark.long
 @pytest.mark.skipif(
     keras.config.backend() != "jax",
     reason="The full run (~1 min) runs once, on JAX; the others check that "
@@ -75,6 +76,7 @@ def test_lora_learns_the_glossary():
         assert moved == (variable.path in adapters), variable.path
 
 
+@pytest.mark.long
 @pytest.mark.skipif(
     keras.config.backend() == "jax", reason="JAX runs the full test."
 )

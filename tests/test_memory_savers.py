@@ -1,11 +1,13 @@
 """int8 quantization with LoRA, bfloat16 mixed precision, gradient
 accumulation and LoRA dropout: the memory savers of fine-tuning."""
 
+import functools
 import os
 import tempfile
 
 import keras
 import numpy as np
+import pytest
 
 import keras_gemma2
 from keras_gemma2 import lora
@@ -28,6 +30,35 @@ def _deterministic_lm(**kwargs):
         "gemma2_tiny_en"
     )
     return keras_gemma2.Gemma2CausalLM(backbone, preprocessor)
+
+
+def _lm_for_lora(mode=None, config=None):
+    """The deterministic tiny preset, quantized if asked, with rank-4
+    adapters on every target, compiled for 8 steps of `_train`."""
+    keras.utils.set_random_seed(0)
+    lm = _deterministic_lm()
+    if mode is not None or config is not None:
+        lm.quantize(mode, config=config)
+    lora.enable(lm.backbone, rank=4, targets="all")
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+    lm.preprocessor.sequence_length = 16
+    return lm
+
+
+def _train(lm):
+    """The loss drop over 8 steps on two short texts."""
+    texts = ["the tokenizer reads a stream", "of characters and words"]
+    losses = [
+        lm.train_on_batch(texts, return_dict=True)["loss"] for _ in range(8)
+    ]
+    return float(losses[0]) - float(losses[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _float_lora_loss_drop():
+    """`_train`'s drop with a float32 base: the baseline both int8 tests
+    compare with, trained once per process."""
+    return _train(_lm_for_lora())
 
 
 def _inputs(token_ids):
@@ -90,12 +121,14 @@ class QuantizeTest(TestCase):
             reloaded.generate("The tokenizer", max_new_tokens=6), text
         )
 
+    @pytest.mark.long
     def test_lora_on_int8_learns_like_float(self):
         # Keras' int8 output head gave the hidden states no gradient, so
         # adapters below it barely moved (loss flat); ours passes the
         # straight-through gradient.
         self._lora_on_int8_learns_like_float(config=None)
 
+    @pytest.mark.long
     def test_lora_on_weight_only_int8_learns_like_float(self):
         # Keras 3.15's weight-only int8 backward on torch adjusted the scale
         # twice (a shape error); `Gemma2EinsumDense` computes it once.
@@ -106,22 +139,9 @@ class QuantizeTest(TestCase):
         )
 
     def _lora_on_int8_learns_like_float(self, config):
-        drops = {}
-        for mode in ("float32", "int8"):
-            keras.utils.set_random_seed(0)
-            lm = _deterministic_lm()
-            if mode == "int8":
-                lm.quantize("int8" if config is None else None, config=config)
-            lora.enable(lm.backbone, rank=4, targets="all")
-            before = {v.path: _numpy(v) for v in lm.backbone.weights}
-            lm.compile(optimizer=keras.optimizers.Adam(1e-2))
-            lm.preprocessor.sequence_length = 16
-            texts = ["the tokenizer reads a stream", "of characters and words"]
-            losses = [
-                lm.train_on_batch(texts, return_dict=True)["loss"]
-                for _ in range(8)
-            ]
-            drops[mode] = float(losses[0]) - float(losses[-1])
+        lm = _lm_for_lora("int8" if config is None else None, config)
+        before = {v.path: _numpy(v) for v in lm.backbone.weights}
+        drops = {"float32": _float_lora_loss_drop(), "int8": _train(lm)}
         # Only the adapters moved; the int8 kernels and scales did not.
         for v in lm.backbone.weights:
             changed = not np.array_equal(before[v.path], _numpy(v))

@@ -68,6 +68,7 @@ def _outputs(notebook, output_type):
     ]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_executes(path):
     only = ONE_BACKEND.get(path.name, keras.config.backend())

@@ -6,7 +6,7 @@ Keras picks its backend once per process, so each backend is its own pytest
 run. Exits non-zero if any run fails or runs no test.
 
 Each run spreads its tests over `TEST_WORKERS` pytest-xdist processes
-(default: one per core, at most 4; `TEST_WORKERS=1` runs them in this
+(default: one per core this process may use, at most 4; `TEST_WORKERS=1` runs them in this
 order, in one process). Each worker computes on one thread: the tests' tiny
 models leave a second thread idle most of the time, so two single-threaded
 workers on 2 cores finish a pass in about 0.6 of one two-threaded process.
@@ -30,7 +30,14 @@ ONE_THREAD = {
 
 
 def _workers():
-    default = min(os.cpu_count() or 1, 4)
+    # The cores this process may run on (a container's cpuset), not the
+    # host's.
+    cores = (
+        len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count() or 1
+    )
+    default = min(cores, 4)
     return int(os.environ.get("TEST_WORKERS", default))
 
 

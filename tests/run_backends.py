@@ -6,10 +6,11 @@ Keras picks its backend once per process, so each backend is its own pytest
 run. Exits non-zero if any run fails or runs no test.
 
 Each run spreads its tests over `TEST_WORKERS` pytest-xdist processes
-(default: one per core this process may use, at most 4; `TEST_WORKERS=1` runs them in this
-order, in one process). Each worker computes on one thread: the tests' tiny
-models leave a second thread idle most of the time, so two single-threaded
-workers on 2 cores finish a pass in about 0.6 of one two-threaded process.
+(default: one per core this process may use, at most 4; `TEST_WORKERS=1`
+runs them in one process, in order). Each worker computes on one thread:
+on 2 cores, test_sampling.py and test_generation.py on JAX took 98 s in one
+process, 88 s on two workers of two threads each, and 77 s on two workers
+of one thread each.
 """
 
 import os

@@ -47,7 +47,10 @@ def main():
     totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
     failed_backends = []
     workers = _workers()
-    parallel = ["-n", str(workers), "--dist", "worksteal"]
+    parallel = (
+        ["-n", str(workers), "--dist", "worksteal"] if workers > 1 else []
+    )
+    threads = ONE_THREAD if workers > 1 else {}
     for backend in os.environ.get("TEST_BACKENDS", ",".join(BACKENDS)).split(
         ","
     ):
@@ -55,7 +58,7 @@ def main():
         print(f"=== KERAS_BACKEND={backend} ===", flush=True)
         env = {
             **os.environ,
-            **(ONE_THREAD if workers > 1 else {}),
+            **threads,
             "KERAS_BACKEND": backend,
             "TF_CPP_MIN_LOG_LEVEL": "3",
         }
@@ -67,7 +70,7 @@ def main():
                 "-q",
                 "-p",
                 "no:cacheprovider",
-                *(parallel if workers > 1 else []),
+                *parallel,
                 *sys.argv[1:],
             ],
             cwd=root,
